@@ -1,0 +1,355 @@
+"""`ModelConfig`: the one frozen description of a DeepSeek-V2/V3-family architecture.
+
+Field names follow the Hugging Face `config.json` (what users hold); `OFFICIAL_NAMES` maps the
+official DeepSeek `ModelArgs` names onto them (dsv3-spec.md §1.3). Presets reproduce the
+published configs. Every combination that cannot run raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+# Official `inference/model.py` ModelArgs name -> our (HF) field name. Rope fields live in
+# `rope_scaling` on the HF side; we keep them flat.
+OFFICIAL_NAMES: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace",
+    "n_heads": "num_attention_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group",
+    "score_func": "scoring_func",
+    "route_scale": "routed_scaling_factor",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "rope_theta": "rope_theta",
+    "original_seq_len": "original_max_position_embeddings",
+    "rope_factor": "rope_factor",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "mscale": "mscale_all_dim",
+    "max_seq_len": "max_position_embeddings",
+}
+
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("auto", "segment", "ragged_dot", "dense")
+
+
+class ConfigError(ValueError):
+    """An invalid or unsupported architecture setting; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """DeepSeek-V2/V3 architecture plus the dtype policy.
+
+    Dtype policy: parameters are stored in `param_dtype`, matmuls run in `dtype`; RMSNorm, the
+    router (logits, scores, top-k weights), attention softmax and the loss always run in float32.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    num_nextn_predict_layers: int = 0
+    num_attention_heads: int = 128
+    # MLA
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # Norms and rotary
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_type: str = "yarn"  # "default" (plain RoPE) or "yarn"
+    rope_factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    rope_truncate: bool = True
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # Dtype policy
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # Runtime: the routed-expert dispatch ("auto" picks per backend; see layers/dispatch.py)
+    moe_impl: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        def need(cond: bool, field: str, msg: str):
+            if not cond:
+                raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {msg}")
+
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            need(getattr(self, f) > 0, f, "must be positive")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+             f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
+             "must be None (no query compression) or positive")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "rotary pairs need an even size")
+        need(self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
+        need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func",
+             "must be 'sigmoid' or 'softmax'")
+        need(self.rope_type in ("default", "yarn"), "rope_type", "must be 'default' or 'yarn'")
+        need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+        need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
+        if self.has_moe:
+            need(self.n_routed_experts > 0, "n_routed_experts", "MoE layers need experts")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+            need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+            need(self.n_group >= 1, "n_group", "must be >= 1")
+            need(self.n_routed_experts % self.n_group == 0, "n_routed_experts",
+                 f"must be divisible by n_group={self.n_group}")
+            need(1 <= self.topk_group <= self.n_group, "topk_group",
+                 f"must be in [1, n_group={self.n_group}]")
+            kept = self.n_routed_experts // self.routing_groups * self.routing_topk_group
+            need(1 <= self.num_experts_per_tok <= kept, "num_experts_per_tok",
+                 f"must be in [1, {kept}] (experts in the topk_group={self.topk_group} kept "
+                 f"groups of {self.n_routed_experts // self.n_group})")
+            need(self.topk_method != "noaux_tc" or self.n_routed_experts // self.n_group >= 2,
+                 "n_group", "noaux_tc scores a group by its top-2 experts: groups need >= 2 experts")
+        if self.first_k_dense_replace > 0 or self.num_hidden_layers == 0:
+            need(self.intermediate_size > 0, "intermediate_size", "dense layers need a width")
+        if self.rope_type == "yarn":
+            need(self.rope_factor > 0, "rope_factor", "must be positive")
+            need(self.original_max_position_embeddings > 0, "original_max_position_embeddings",
+                 "must be positive")
+
+    # ---------------------------------------------------------------------------------- derived
+    @property
+    def has_moe(self) -> bool:
+        return self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers > 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def routing_groups(self) -> int:
+        """Groups the router actually uses ("greedy" ignores n_group, as the official code does)."""
+        return 1 if self.topk_method == "greedy" else self.n_group
+
+    @property
+    def routing_topk_group(self) -> int:
+        return 1 if self.topk_method == "greedy" else self.topk_group
+
+    @property
+    def has_router_bias(self) -> bool:
+        """`e_score_correction_bias` exists only for the aux-loss-free ("noaux_tc") router."""
+        return self.topk_method == "noaux_tc"
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.n_shared_experts * self.moe_intermediate_size
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (dsv3-spec §3.3)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_type == "yarn" and self.mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------------------ HF mapping
+    @classmethod
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
+                       ) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` (a path to the file or its folder, or a dict)."""
+        if isinstance(path_or_dict, Mapping):
+            d, where = dict(path_or_dict), "config dict"
+        else:
+            p = os.fspath(path_or_dict)
+            if os.path.isdir(p):
+                p = os.path.join(p, "config.json")
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"no config.json at {p}")
+            with open(p) as f:
+                try:
+                    d = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{p}: not valid JSON ({e})") from None
+            where = p
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"{where}: missing required field(s) {missing}")
+        model_type = d.get("model_type", "deepseek_v3")
+        kw: dict[str, Any] = {}
+        direct = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                  "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                  "n_shared_experts", "num_experts_per_tok", "routed_scaling_factor",
+                  "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+                  "initializer_range", "bos_token_id", "eos_token_id", "first_k_dense_replace")
+        for k in direct:
+            if d.get(k) is not None:
+                kw[k] = d[k]
+        if not kw.get("q_lora_rank"):
+            kw["q_lora_rank"] = None  # official code uses 0 for "no query compression"
+        kw["num_nextn_predict_layers"] = int(d.get("num_nextn_predict_layers") or 0)
+        kv_heads = d.get("num_key_value_heads")
+        if kv_heads not in (None, d["num_attention_heads"]):
+            raise ConfigError(f"{where}: num_key_value_heads={kv_heads} must equal "
+                              f"num_attention_heads={d['num_attention_heads']} (MLA has no GQA)")
+        if d.get("moe_layer_freq", 1) != 1:
+            raise ConfigError(f"{where}: moe_layer_freq={d['moe_layer_freq']} unsupported (only 1)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} unsupported (only silu)")
+        if d.get("attention_bias"):
+            raise ConfigError(f"{where}: attention_bias=true unsupported (DeepSeek has none)")
+        if d.get("rope_interleave") is False:
+            raise ConfigError(f"{where}: rope_interleave=false means permuted rope weights; "
+                              "jaxmoe expects the published interleaved layout")
+        # Routing: V3 is sigmoid + noaux_tc; V2 uses softmax with topk_method greedy/group_limited.
+        if model_type == "deepseek_v3":
+            kw["scoring_func"] = d.get("scoring_func", "sigmoid")
+            kw["topk_method"] = d.get("topk_method", "noaux_tc")
+        else:
+            kw["scoring_func"] = d.get("scoring_func", "softmax")
+            kw["topk_method"] = d.get("topk_method") or "greedy"
+        if kw["topk_method"] == "gready":  # historical misspelling in V2 remote code
+            kw["topk_method"] = "greedy"
+        kw["norm_topk_prob"] = bool(d.get("norm_topk_prob", model_type == "deepseek_v3"))
+        kw["n_group"] = int(d.get("n_group") or 1)
+        kw["topk_group"] = int(d.get("topk_group") or 1)
+        # Rope: transformers 5 writes rope_parameters (with rope_theta inside); older configs
+        # rope_scaling + top-level rope_theta.
+        rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        kw["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+        rtype = rp.get("rope_type", rp.get("type", "default"))
+        if rtype not in ("default", "yarn"):
+            raise ConfigError(f"{where}: rope type {rtype!r} unsupported (default or yarn)")
+        kw["rope_type"] = rtype
+        if rtype == "yarn":
+            omp = rp.get("original_max_position_embeddings")
+            if omp is None:
+                raise ConfigError(f"{where}: yarn rope needs original_max_position_embeddings")
+            factor = rp.get("factor")
+            if factor is None:  # transformers derives it from the two lengths
+                factor = kw["max_position_embeddings"] / omp
+            kw.update(rope_factor=float(factor), original_max_position_embeddings=int(omp),
+                      beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
+                      mscale=float(rp.get("mscale") or 0), mscale_all_dim=float(rp.get("mscale_all_dim") or 0),
+                      rope_truncate=bool(rp.get("truncate", True)))
+            if rp.get("attention_factor") is not None:
+                raise ConfigError(f"{where}: rope attention_factor override unsupported")
+        kw.update(overrides)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers' DeepseekV3Config/V2Config reads back."""
+        v3 = self.topk_method == "noaux_tc"
+        d: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "n_shared_experts": self.n_shared_experts, "n_routed_experts": self.n_routed_experts,
+            "num_experts_per_tok": self.num_experts_per_tok, "n_group": self.n_group,
+            "topk_group": self.topk_group, "topk_method": self.topk_method,
+            "scoring_func": self.scoring_func, "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "first_k_dense_replace": self.first_k_dense_replace, "moe_layer_freq": 1,
+            "q_lora_rank": self.q_lora_rank, "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
+            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "rope_interleave": True,
+        }
+        rp: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "yarn":
+            rp.update(factor=self.rope_factor,
+                      original_max_position_embeddings=self.original_max_position_embeddings,
+                      beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
+                      mscale_all_dim=self.mscale_all_dim)
+        d["rope_parameters"] = rp
+        return d
+
+    @classmethod
+    def from_official_args(cls, args: Mapping[str, Any], **overrides) -> "ModelConfig":
+        """Build from the official `inference/configs/*.json` (ModelArgs names)."""
+        kw: dict[str, Any] = {}
+        for k, v in args.items():
+            if k in OFFICIAL_NAMES:
+                kw[OFFICIAL_NAMES[k]] = v
+        if not kw.get("q_lora_rank"):
+            kw["q_lora_rank"] = None
+        sig = args.get("score_func", "softmax") == "sigmoid"
+        groups = int(args.get("n_expert_groups", 1))
+        kw.setdefault("scoring_func", "softmax")
+        kw["topk_method"] = "noaux_tc" if sig else ("group_limited_greedy" if groups > 1 else "greedy")
+        kw["norm_topk_prob"] = sig  # official renormalises iff sigmoid scoring
+        kw.setdefault("n_group", groups)
+        kw.setdefault("topk_group", int(args.get("n_limited_groups", 1)))
+        kw["mscale"] = kw.get("mscale_all_dim", 1.0)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0

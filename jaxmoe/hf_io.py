@@ -1,0 +1,194 @@
+"""Hugging Face checkpoint folders <-> jaxmoe state, through the `hf_mapping` table.
+
+`HFCheckpoint` resolves tensor names through model.safetensors.index.json (or every *.safetensors
+file), dequantises FP8 weights with their 128x128 `weight_scale_inv` blocks, and reports missing
+or unexpected tensors by name. `load_model` builds a DeepseekV3 from such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmoe import hf_mapping
+from jaxmoe.config import ModelConfig
+from jaxmoe.model import DeepseekV3
+from jaxmoe.safetensors_io import CheckpointError, SafetensorsFile
+
+SCALE_SUFFIX = "_scale_inv"
+FP8_BLOCK = 128
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK,
+                   name: str = "?") -> np.ndarray:
+    """W[r, c] = float(W_fp8[r, c]) * scale_inv[r // block, c // block], float32 (spec §6)."""
+    rows, cols = w.shape
+    want = (-(-rows // block), -(-cols // block))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"tensor {name!r}: scale {name}{SCALE_SUFFIX} has shape "
+                              f"{tuple(scale_inv.shape)}, expected {want} for weight {w.shape}")
+    s = np.asarray(scale_inv, np.float32)
+    s = np.repeat(np.repeat(s, block, axis=0)[:rows], block, axis=1)[:, :cols]  # [rows, cols]
+    out = np.asarray(w, np.float32) * s
+    if not np.isfinite(out).all():
+        raise CheckpointError(f"tensor {name!r}: NaN/Inf after FP8 dequantisation")
+    return out
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint folder: config.json plus one or more safetensors files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a checkpoint folder")
+        self.config_path = os.path.join(self.path, "config.json")
+        if not os.path.exists(self.config_path):
+            raise CheckpointError(f"{self.path}: no config.json")
+        with open(self.config_path) as f:
+            self.config_json = json.load(f)
+        index = os.path.join(self.path, "model.safetensors.index.json")
+        self.weight_map: dict[str, str] = {}
+        if os.path.exists(index):
+            with open(index) as f:
+                self.weight_map = dict(json.load(f)["weight_map"])
+            for fname in sorted(set(self.weight_map.values())):
+                if not os.path.exists(os.path.join(self.path, fname)):
+                    raise CheckpointError(f"{self.path}: shard {fname} listed in "
+                                          "model.safetensors.index.json is missing")
+        else:
+            files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors files")
+            for fname in files:
+                for k in SafetensorsFile(os.path.join(self.path, fname)).keys():
+                    self.weight_map[k] = fname
+        self._files: dict[str, SafetensorsFile] = {}
+        qc = self.config_json.get("quantization_config") or {}
+        self.fp8_block = tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
+
+    def file(self, fname: str) -> SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(os.path.join(self.path, fname))
+        return self._files[fname]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor {name!r} missing from the checkpoint")
+        f = self.file(self.weight_map[name])
+        if name not in f.header:
+            raise CheckpointError(f"{f.path}: tensor {name!r} listed in the index is not in the file")
+        return f.get(name)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor, FP8 dequantised to float32 with its block scales when stored as FP8."""
+        a = self.raw(name)
+        if a.dtype.name.startswith("float8"):
+            sname = name + SCALE_SUFFIX
+            if sname not in self.weight_map:
+                raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no scale {sname!r}")
+            if self.fp8_block[0] != self.fp8_block[1]:
+                raise CheckpointError(f"{self.path}: non-square FP8 block {self.fp8_block}")
+            return dequantize_fp8(a, self.raw(sname), self.fp8_block[0], name)
+        return a
+
+
+def model_config_for(ckpt: HFCheckpoint, dtype: str, mtp: str | bool = "auto", **overrides
+                     ) -> ModelConfig:
+    cfg = ModelConfig.from_hf_config(ckpt.config_json, param_dtype=dtype, dtype=dtype, **overrides)
+    n = cfg.num_nextn_predict_layers
+    present = n and f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in ckpt
+    if mtp == "auto":
+        if n and not present:
+            warnings.warn(f"{ckpt.path}: config has num_nextn_predict_layers={n} but no MTP "
+                          "tensors; loading without the MTP module", stacklevel=3)
+        n = n if present else 0
+    elif mtp and not present:
+        raise CheckpointError(f"{ckpt.path}: MTP requested but model.layers."
+                              f"{cfg.num_hidden_layers}.* tensors are missing")
+    elif not mtp:
+        n = 0
+    return cfg.replace(num_nextn_predict_layers=n)
+
+
+def state_from_hf(cfg: ModelConfig, get, target_shapes: dict) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Fill whole arrays for every state path from tensors fetched by `get(name)`.
+
+    Yields (path, float32 array). `target_shapes` maps path -> shape (from the abstract model).
+    """
+    buffers: dict[tuple, np.ndarray] = {}
+    for e in hf_mapping.entries(cfg):
+        if e.path not in target_shapes:
+            raise CheckpointError(f"mapping row {e.hf_name} -> {e.path} has no model parameter")
+        shape = target_shapes[e.path]
+        a = e.to_jaxmoe(np.asarray(get(e.hf_name), np.float32), cfg)
+        want = shape[len(e.index):]
+        if a.shape != tuple(want):
+            raise CheckpointError(f"tensor {e.hf_name!r}: shape {tuple(get(e.hf_name).shape)} does "
+                                  f"not fit parameter {'/'.join(map(str, e.path))} {tuple(shape)}")
+        if not e.index:
+            buffers[e.path] = a
+        else:
+            buf = buffers.setdefault(e.path, np.zeros(shape, np.float32))
+            buf[e.index] = a
+    missing = set(target_shapes) - set(buffers)
+    if missing:
+        raise CheckpointError(f"no checkpoint tensor fills parameter(s) {sorted(missing)}")
+    yield from buffers.items()
+
+
+def abstract_model(cfg: ModelConfig) -> DeepseekV3:
+    return nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0)))
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", mtp: str | bool = "auto",
+               strict: bool = True, **overrides) -> DeepseekV3:
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder as a DeepseekV3 (params in `dtype`).
+
+    Raises CheckpointError naming the tensor for missing, unexpected or misshapen tensors.
+    """
+    ckpt = HFCheckpoint(path)
+    cfg = model_config_for(ckpt, dtype, mtp, **overrides)
+    model = abstract_model(cfg)
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    shapes = {p: tuple(v.get_value().shape) for p, v in flat}
+    expected = {e.hf_name for e in hf_mapping.entries(cfg)}
+    if strict:
+        # transformers writes zero-size shared_experts tensors when n_shared_experts == 0.
+        extra = [n for n in ckpt.names() if n not in expected and not n.endswith(SCALE_SUFFIX)
+                 and not (n.startswith(f"model.layers.{cfg.num_hidden_layers}.")
+                          and cfg.num_nextn_predict_layers == 0)
+                 and ckpt.raw(n).size > 0]
+        if extra:
+            raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not in the model: "
+                                  f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}")
+    arrays = dict(state_from_hf(cfg, ckpt.get, shapes))
+    for p, v in flat:
+        v.set_value(jnp.asarray(arrays[p], dtype=v.get_value().dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def state_to_hf(cfg: ModelConfig, state: nnx.State) -> dict[str, np.ndarray]:
+    """Published-name tensors ([out, in] layout, float32) from a model state (or gradients)."""
+    flat = {p: np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v),
+                          np.float32)
+            for p, v in nnx.to_flat_state(state)}
+    out = {}
+    for e in hf_mapping.entries(cfg):
+        if e.path in flat:
+            out[e.hf_name] = e.to_hf(flat[e.path][e.index], cfg)
+    return out

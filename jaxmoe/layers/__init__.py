@@ -1,0 +1,1 @@
+"""Building blocks: single-device math with logical axis names only."""

@@ -1,0 +1,56 @@
+"""Mixture of experts: router + stacked routed experts [E, ...] + the fused shared experts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe import axes
+from jaxmoe.config import ModelConfig
+from jaxmoe.layers import dispatch
+from jaxmoe.layers.mlp import MLP
+from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.router import Router, Routing
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = Router(cfg, rngs=rngs)
+        ax_in = (axes.EXPERT, axes.EMBED, axes.EXPERT_MLP)
+        self.w_gate_EDF = param(rngs, (E, D, F), ax_in, cfg)
+        self.w_up_EDF = param(rngs, (E, D, F), ax_in, cfg)
+        self.w_down_EFD = param(rngs, (E, F, D), (axes.EXPERT, axes.EXPERT_MLP, axes.EMBED), cfg)
+        self.shared = MLP(cfg, cfg.shared_intermediate_size, rngs=rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        """x [B, T, D] -> (y [B, T, D], aux with per-expert counts and the sequence balance term)."""
+        cfg = self.cfg
+        B, T, D = x.shape
+        xm = x.reshape(B * T, D)  # [M, D]
+        r = self.router(xm)
+        y = dispatch.experts_swiglu(
+            xm, r.weights, r.experts, compute(self.w_gate_EDF[...], cfg),
+            compute(self.w_up_EDF[...], cfg), compute(self.w_down_EFD[...], cfg),
+            impl=resolve_impl(cfg.moe_impl))
+        y = y.reshape(B, T, D)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y, routing_stats(r, B, T, cfg)
+
+
+def resolve_impl(impl: str) -> str:
+    return dispatch.default_impl() if impl == "auto" else impl
+
+
+def routing_stats(r: Routing, B: int, T: int, cfg: ModelConfig) -> dict:
+    """Per-layer expert counts [E] and the sequence-wise balance term sum_i f_i P_i (spec §11),
+    averaged over the batch; the trainer multiplies it by alpha."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    chosen = jax.nn.one_hot(r.experts, E, dtype=jnp.float32).sum(1).reshape(B, T, E)
+    f = chosen.sum(1) * (E / (K * T))  # [B, E]
+    s = r.scores.reshape(B, T, E)
+    p = (s / s.sum(-1, keepdims=True)).mean(1)  # [B, E]
+    return {"counts": chosen.sum((0, 1)), "seq_balance": (f * p).sum(-1).mean()}

@@ -1,0 +1,120 @@
+"""A small memory-mapped safetensors reader/writer that understands FP8 (via ml_dtypes).
+
+The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes. Reading maps the file, so
+a tensor costs memory only while it is used; every structural problem raises `CheckpointError`
+naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated, corrupt or inconsistent checkpoint file or tensor."""
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped view of one .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path}: file not found")
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(f"{self.path}: corrupt header length {n} (file has {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header: dict[str, dict] = header
+        self._base = 8 + n
+        data_len = size - self._base
+        for name, info in header.items():
+            if info.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype "
+                                      f"{info.get('dtype')!r}")
+            b, e = info["data_offsets"]
+            want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+            if e - b != want:
+                raise CheckpointError(f"{self.path}: tensor {name!r} shape {info['shape']} "
+                                      f"{info['dtype']} needs {want} bytes, header gives {e - b}")
+            if e > data_len:
+                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte "
+                                      f"{self._base + e}, file has {size}")
+        self._mm = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self.header[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        b, e = self.header[name]["data_offsets"]
+        return e - b
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory-mapped array (no copy)."""
+        if name not in self.header:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        info = self.header[name]
+        b, e = info["data_offsets"]
+        raw = self._mm[self._base + b:self._base + e]
+        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def close(self):
+        self._mm = None
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+          metadata: Mapping[str, str] | None = None) -> int:
+    """Write tensors (in the given order) to `path`; returns the bytes written."""
+    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+    header: dict = {}
+    off = 0
+    for name, a in items:
+        a = np.asarray(a)
+        if a.dtype not in NAMES:
+            raise CheckpointError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}")
+        header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, a in items:
+            f.write(np.ascontiguousarray(a).tobytes())
+    return 8 + len(blob) + off
