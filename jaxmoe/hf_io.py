@@ -134,11 +134,15 @@ def state_from_hf(cfg: ModelConfig, get, target_shapes: dict) -> Iterator[tuple[
         if e.path not in target_shapes:
             raise CheckpointError(f"mapping row {e.hf_name} -> {e.path} has no model parameter")
         shape = target_shapes[e.path]
-        a = e.to_jaxmoe(np.asarray(get(e.hf_name), np.float32), cfg)
-        want = shape[len(e.index):]
-        if a.shape != tuple(want):
-            raise CheckpointError(f"tensor {e.hf_name!r}: shape {tuple(get(e.hf_name).shape)} does "
-                                  f"not fit parameter {'/'.join(map(str, e.path))} {tuple(shape)}")
+        raw = np.asarray(get(e.hf_name), np.float32)
+        want = tuple(shape[len(e.index):])
+        try:
+            a = e.to_jaxmoe(raw, cfg)
+        except ValueError:  # rows not divisible into heads
+            a = None
+        if a is None or a.shape != want:
+            raise CheckpointError(f"tensor {e.hf_name!r}: shape {raw.shape} does not fit parameter "
+                                  f"{'/'.join(map(str, e.path))} {tuple(shape)}")
         if not e.index:
             buffers[e.path] = a
         else:

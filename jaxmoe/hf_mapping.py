@@ -135,7 +135,7 @@ def layer_rows(cfg: ModelConfig, moe: bool) -> list[tuple[str, str, str]]:
 def _layer_entries(cfg, L, prefix, index, moe) -> Iterator[Entry]:
     for hf, path, tr in layer_rows(cfg, moe):
         yield Entry(f"model.layers.{L}.{hf}", prefix + _split(path), index, tr,
-                    hf.endswith("proj.weight") and "eh_proj" not in hf)
+                    hf.endswith(("proj.weight", "proj_with_mqa.weight")) and "eh_proj" not in hf)
     if moe:
         for e in range(cfg.n_routed_experts):
             for hf, path, tr in EXPERT:

@@ -49,14 +49,15 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.header: dict[str, dict] = header
         self._base = 8 + n
         data_len = size - self._base
+        spans = []
         for name, info in header.items():
-            if info.get("dtype") not in DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype "
-                                      f"{info.get('dtype')!r}")
+            self._check_entry(name, info)
             b, e = info["data_offsets"]
             want = int(np.prod(info["shape"], dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
             if e - b != want:
@@ -65,7 +66,28 @@ class SafetensorsFile:
             if e > data_len:
                 raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends at byte "
                                       f"{self._base + e}, file has {size}")
+            spans.append((b, e, name))
+        spans.sort()
+        for (_, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0 and e1 > b1:
+                raise CheckpointError(f"{self.path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
         self._mm = None
+
+    def _check_entry(self, name: str, info) -> None:
+        def bad(why):
+            raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name!r}: {why}")
+
+        if not isinstance(info, dict):
+            bad("not an object")
+        if info.get("dtype") not in DTYPES:
+            bad(f"unsupported dtype {info.get('dtype')!r}")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            bad(f"shape {shape!r} is not a list of non-negative integers")
+        off = info.get("data_offsets")
+        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) for o in off)
+                or not 0 <= off[0] <= off[1]):
+            bad(f"data_offsets {off!r} is not [begin, end] with 0 <= begin <= end")
 
     def keys(self) -> list[str]:
         return list(self.header)

@@ -56,46 +56,76 @@ def _tiles(x, tile):
     return x.reshape(x.shape[0] // tile, tile, x.shape[-1])  # [n_tiles, tile, ·]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def segment_matmul(x: jax.Array, w: jax.Array, layout: Layout, tile: int) -> jax.Array:
-    """x [n_tiles*tile, A] @ w[tile_expert] [E, A, Z] per tile -> [n_tiles*tile, Z]."""
-    return _segment_fwd_impl(x, w, layout.tile_expert, layout.n_used, tile)
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _segment_fwd_impl(x, w, tile_expert, n_used, tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def segment_swiglu(xp: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                   layout: Layout, tile: int) -> jax.Array:
+    """Per tile t of expert e: silu(x_t Wg[e]) * (x_t Wu[e]) Wd[e].
+
+    xp [n_tiles*tile, D] in the padded layout, w_gate/w_up [E, D, F], w_down [E, F, D]
+    -> [n_tiles*tile, D]. Tiles past `layout.n_used` hold only padding and are skipped.
+    """
+    return _swiglu_fwd_loop(xp, w_gate, w_up, w_down, layout, tile)
+
+
+def _swiglu_fwd_loop(xp, wg, wu, wd, layout, tile):
+    D = wd.shape[-1]
+
     def body(_, inp):
         t, e, xt = inp
-        yt = jax.lax.cond(t < n_used,
-                          lambda: jnp.dot(xt, w[e], preferred_element_type=jnp.float32),
-                          lambda: jnp.zeros((tile, w.shape[-1]), jnp.float32))
-        return None, yt.astype(x.dtype)
-    n_tiles = tile_expert.shape[0]
-    _, y = jax.lax.scan(body, None, (jnp.arange(n_tiles), tile_expert, _tiles(x, tile)))
-    return y.reshape(n_tiles * tile, w.shape[-1])  # [n_tiles*tile, Z]
 
+        def run():
+            h = jax.nn.silu(_dot(xt, wg[e])) * _dot(xt, wu[e])
+            return _dot(h.astype(xt.dtype), wd[e]).astype(xt.dtype)
 
-def _segment_fwd(x, w, layout, tile):
-    return _segment_fwd_impl(x, w, layout.tile_expert, layout.n_used, tile), (x, w, layout)
+        return None, jax.lax.cond(t < layout.n_used, run, lambda: jnp.zeros((tile, D), xt.dtype))
 
-
-def _segment_bwd(tile, res, dy):
-    x, w, layout = res
-    dx = _segment_fwd_impl(dy, jnp.swapaxes(w, 1, 2), layout.tile_expert, layout.n_used, tile)
-
-    def body(dw, inp):
-        t, e, xt, dyt = inp
-        upd = lambda: jax.lax.dynamic_update_index_in_dim(
-            dw, dw[e] + jnp.dot(xt.T, dyt, preferred_element_type=jnp.float32), e, 0)
-        return jax.lax.cond(t < layout.n_used, upd, lambda: dw), None
     n_tiles = layout.tile_expert.shape[0]
-    dw, _ = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),
-                         (jnp.arange(n_tiles), layout.tile_expert, _tiles(x, tile), _tiles(dy, tile)))
+    _, y = jax.lax.scan(body, None, (jnp.arange(n_tiles), layout.tile_expert, _tiles(xp, tile)))
+    return y.reshape(n_tiles * tile, D)  # [n_tiles*tile, D]
+
+
+def _swiglu_fwd(xp, wg, wu, wd, layout, tile):
+    return _swiglu_fwd_loop(xp, wg, wu, wd, layout, tile), (xp, wg, wu, wd, layout)
+
+
+def _swiglu_bwd(tile, res, dy):
+    """Recomputes the tile's activations; weight gradients accumulate in place per expert."""
+    xp, wg, wu, wd, layout = res
+
+    def body(acc, inp):
+        t, e, xt, dyt = inp
+
+        def run():
+            dwg, dwu, dwd = acc
+            g, u = _dot(xt, wg[e]), _dot(xt, wu[e])  # [tile, F] f32
+            sg = jax.nn.silu(g)
+            h = (sg * u).astype(xt.dtype)
+            dh = _dot(dyt, wd[e].T)
+            du = dh * sg
+            dg = dh * u * jax.nn.sigmoid(g) * (1 + g * (1 - jax.nn.sigmoid(g)))
+            dg, du = dg.astype(xt.dtype), du.astype(xt.dtype)
+            dxt = _dot(dg, wg[e].T) + _dot(du, wu[e].T)
+            upd = lambda a, d: jax.lax.dynamic_update_index_in_dim(a, a[e] + d, e, 0)
+            return ((upd(dwg, _dot(xt.T, dg)), upd(dwu, _dot(xt.T, du)),
+                     upd(dwd, _dot(h.T, dyt))), dxt.astype(xt.dtype))
+
+        return jax.lax.cond(t < layout.n_used, run, lambda: (acc, jnp.zeros_like(xt)))
+
+    n_tiles = layout.tile_expert.shape[0]
+    acc0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg, wu, wd))
+    (dwg, dwu, dwd), dx = jax.lax.scan(
+        body, acc0, (jnp.arange(n_tiles), layout.tile_expert, _tiles(xp, tile), _tiles(dy, tile)))
     # Integer layout arrays take float0 cotangents.
     d_layout = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
-    return dx.astype(x.dtype), dw.astype(w.dtype), d_layout
+    return (dx.reshape(xp.shape), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
+            d_layout)
 
 
-segment_matmul.defvjp(_segment_fwd, _segment_bwd)
+segment_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _swiglu(gu: jax.Array) -> jax.Array:
@@ -113,12 +143,13 @@ def experts_swiglu(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate:
     """Routed experts. x [M, D], weights/experts [M, K], w_gate/w_up [E, D, F], w_down [E, F, D]."""
     M, K = experts.shape
     E = w_gate.shape[0]
-    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]: one pass for gate and up
     if impl == "dense":
+        w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
         h = _swiglu(jnp.einsum("MD,EDZ->MEZ", x, w_gu))
         y = jnp.einsum("MEF,EFD->MED", h, w_down)  # [M, E, D]
         return combine(jnp.take_along_axis(y, experts[:, :, None], axis=1), weights, x.dtype)
     if impl == "ragged_dot":
+        w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         xs = x[order // K]  # [M*K, D] expert-sorted rows
@@ -133,8 +164,7 @@ def experts_swiglu(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate:
         n_rows = lay.tile_expert.shape[0] * tile
         src = jnp.arange(M * K) // K  # token of each flat pair
         xp = jnp.zeros((n_rows, x.shape[-1]), x.dtype).at[lay.dest].set(x[src])
-        h = _swiglu(segment_matmul(xp, w_gu, lay, tile))
-        yp = segment_matmul(h, w_down, lay, tile)  # [n_rows, D]
+        yp = segment_swiglu(xp, w_gate, w_up, w_down, lay, tile)  # [n_rows, D]
         return combine(yp[lay.dest].reshape(M, K, -1), weights, x.dtype)
     raise ValueError(f"unknown moe_impl {impl!r}; expected one of {IMPLS}")
 

@@ -30,7 +30,7 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
         value = jnp.zeros(shape, jnp.float32)
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value.astype(dt), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value.astype(dt), out_sharding=axes, eager_sharding=False)
 
 
 def compute(x: jax.Array, cfg: ModelConfig) -> jax.Array:

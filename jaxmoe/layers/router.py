@@ -57,7 +57,7 @@ class Router(nnx.Module):
         # The router weight stays float32 whatever the parameter dtype (dtype policy).
         self.w_DE = param(rngs, (cfg.hidden_size, E), (axes.EMBED, None), cfg, dtype="float32")
         if cfg.has_router_bias:
-            self.bias_E = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=(None,),
+            self.bias_E = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
                                      eager_sharding=False)
         else:
             self.bias_E = None
