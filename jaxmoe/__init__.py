@@ -9,7 +9,12 @@ __all__ = ["ConfigError", "ModelConfig", "DeepseekV3", "PRESETS", "deepseek_v2",
 
 
 def load_model(path, dtype: str = "float32", **kw):
-    """Load a Hugging Face checkpoint folder (config.json + *.safetensors) as a DeepseekV3."""
+    """Load a Hugging Face checkpoint folder (config.json + *.safetensors) or a converted Orbax
+    checkpoint (`jaxmoe-convert`; takes `sharding=` for the target shardings) as a DeepseekV3."""
+    from jaxmoe import orbax_io
+
+    if orbax_io.is_orbax_dir(path):
+        return orbax_io.load_model(path, dtype=dtype, **kw)
     from jaxmoe.hf_io import load_model as _load
 
     return _load(path, dtype=dtype, **kw)

@@ -1,0 +1,219 @@
+"""Slab-by-slab Orbax (tensorstore zarr on OCDBT) writing, atomic and resumable.
+
+Everything goes to `OUT_DIR.partial/`. Slabs are staged into a tensorstore transaction; when it
+holds `batch_bytes` it is committed in the background while the next batch fills (so at most
+two batches are in memory), and once a commit is durable its slab keys are appended to
+`convert_journal.jsonl` (fsync'd). `--resume` skips journaled slabs; a slab that was committed
+but not yet journaled when the process died is simply written again with the same bytes.
+`seal` writes the Orbax metadata, then `jaxmoe.json` (the finished marker), and `install`
+renames the folder into place: an interrupted run never leaves anything at OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import tensorstore as ts
+
+from jaxmoe import orbax_io
+from jaxmoe.safetensors_io import CheckpointError
+
+from convert.plan import Plan, Slab
+
+PARTIAL = ".partial"
+JOURNAL = "convert_journal.jsonl"
+PLAN_FILE = "convert_plan.json"
+DEFAULT_BATCH = 256 << 20
+
+
+def prepare_output(out_dir: str, resume: bool, overwrite: bool, fingerprint: str) -> str:
+    """Check OUT_DIR and its partial folder; returns the partial folder to write into."""
+    out = os.path.abspath(out_dir)
+    tmp = out + PARTIAL
+    if os.path.exists(out):
+        if os.path.exists(os.path.join(out, orbax_io.MARKER)) and not overwrite:
+            raise CheckpointError(f"{out}: already holds a finished checkpoint "
+                                  f"({orbax_io.MARKER}); pass --overwrite to replace it")
+        if not os.path.isdir(out) or (os.listdir(out) and not overwrite):
+            raise CheckpointError(f"{out}: exists and is not an empty folder; pass "
+                                  "--overwrite to replace it")
+    if os.path.exists(tmp):
+        if resume and sealed(tmp):
+            return tmp  # finished but not yet renamed: the caller only installs it
+        if resume:
+            try:
+                with open(os.path.join(tmp, PLAN_FILE)) as f:
+                    found = json.load(f)["fingerprint"]
+            except (OSError, ValueError, KeyError):
+                found = None
+            if found != fingerprint:
+                raise CheckpointError(
+                    f"{tmp}: partial conversion from a different source or options "
+                    f"(plan fingerprint {str(found)[:12]}, expected {fingerprint[:12]}); "
+                    "pass --overwrite to start over")
+            return tmp
+        if not overwrite:
+            raise CheckpointError(f"{tmp}: an interrupted conversion is there; pass --resume "
+                                  "to continue it or --overwrite to start over")
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    orbax_io.write_json_durable(os.path.join(tmp, PLAN_FILE), {"fingerprint": fingerprint})
+    _fsync_dir(os.path.dirname(tmp))
+    return tmp
+
+
+def read_journal(tmp: str) -> set[str]:
+    done: set[str] = set()
+    p = os.path.join(tmp, JOURNAL)
+    if os.path.exists(p):
+        with open(p) as f:
+            for line in f:
+                try:
+                    done.update(json.loads(line))
+                except ValueError:  # a torn last line from a kill: that batch is redone
+                    pass
+    return done
+
+
+class Writer:
+    def __init__(self, tmp: str, plan: Plan, workers: int = 2, batch_bytes: int = DEFAULT_BATCH):
+        self.tmp, self.plan, self.batch_bytes = tmp, plan, batch_bytes
+        self.ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                               "data_copy_concurrency": {"limit": max(1, workers)},
+                               "file_io_concurrency": {"limit": 8}})
+        opened = {a.name: ts.open(  # concurrent: OCDBT folds them into a few commits
+            {"driver": "zarr", "kvstore": orbax_io.kvstore_spec(tmp, a.name, write=True),
+             "metadata": orbax_io.zarr_metadata(a.shape, a.dtype, a.chunks)},
+            create=True, open=True, context=self.ctx) for a in plan.arrays.values()}
+        self.arrays = {k: f.result() for k, f in opened.items()}
+        self._journal = open(os.path.join(tmp, JOURNAL), "a+")
+        self._journal.seek(0, os.SEEK_END)
+        if self._journal.tell():  # after a kill mid-line: start a fresh line
+            self._journal.seek(self._journal.tell() - 1)
+            if self._journal.read(1) != "\n":
+                self._journal.write("\n")
+        self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
+        self._pending = None  # (commit future, keys)
+        self._copies: list = []  # (copy future, array) of the batch being staged
+
+    def write(self, slab: Slab, data: np.ndarray) -> None:
+        """Stage one slab (tensorstore copies it in the background; `data` is kept alive
+        until then)."""
+        arr = self.arrays[slab.array].with_transaction(self._txn)
+        self._copies.append((arr[slab.out_index].write(data).copy, data))
+        self._keys.append(slab.key)
+        self._bytes += data.nbytes
+        while self._copies and self._copies[0][0].done():
+            self._copies.pop(0)
+        if self._bytes >= self.batch_bytes:
+            self._commit()
+
+    def _commit(self) -> None:
+        for fut, _ in self._copies:
+            fut.result()
+        self._copies = []
+        self._wait()
+        if self._keys:
+            self._pending = (self._txn.commit_async(), self._keys)
+        self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
+
+    def _wait(self) -> None:
+        if self._pending is None:
+            return
+        fut, keys = self._pending
+        self._pending = None
+        fut.result()
+        _trim()
+        self._journal.write(json.dumps(keys) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def flush(self) -> None:
+        self._commit()
+        self._wait()
+
+    def close(self) -> None:
+        self._journal.close()
+
+    def abort(self) -> None:
+        """Let in-flight tensorstore work finish (its result no longer matters), then close."""
+        for fut in [f for f, _ in self._copies] + ([self._pending[0]] if self._pending else []):
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - the conversion is failing anyway
+                pass
+        self._copies, self._pending = [], None
+        self.close()
+
+
+def sealed(tmp: str) -> bool:
+    """The partial folder was finalised (marker written) but not yet renamed into place."""
+    return os.path.exists(os.path.join(tmp, orbax_io.MARKER))
+
+
+def seal(tmp: str, plan: Plan, source: str) -> None:
+    """Orbax metadata, then the marker; the resume bookkeeping goes only after the marker, so
+    a kill at any point leaves a folder that `--resume` either continues or just installs."""
+    params = {tuple(str(p) for p in a.path): a.chunks for a in plan.arrays.values()}
+    orbax_io.write_json_durable(os.path.join(tmp, orbax_io.ORBAX_METADATA),
+                                orbax_io.orbax_metadata(params))
+    orbax_io.write_json_durable(os.path.join(tmp, orbax_io.ORBAX_CHECKPOINT_METADATA),
+                                orbax_io.checkpoint_metadata())
+    orbax_io.write_marker(tmp, plan.cfg, plan.dtype, source=os.path.abspath(source),
+                          fingerprint=plan.fingerprint)
+    _fsync_dir(tmp)
+
+
+def install(tmp: str, out_dir: str) -> None:
+    """Rename the sealed folder to OUT_DIR (replacing a previous checkpoint there)."""
+    for f in (JOURNAL, PLAN_FILE):
+        if os.path.exists(os.path.join(tmp, f)):
+            os.remove(os.path.join(tmp, f))
+    out = os.path.abspath(out_dir)
+    old = None
+    if os.path.exists(out):
+        if os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        else:
+            old = out + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(os.path.dirname(out))
+    if old:
+        shutil.rmtree(old)
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS after each commit. glibc keeps freed slab-sized
+    blocks (its mmap threshold adapts upwards), so without this RSS creeps up with the
+    checkpoint size (measured: 1.6 GB at 1.4 GB of source, 2.0 GB at 4 GB); with it the peak
+    is flat, for ~30% more CPU in page faults (tensorstore's staging buffers are fresh pages)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libc.so.6")
+        lib.malloc_trim  # glibc only
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
