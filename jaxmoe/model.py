@@ -67,13 +67,24 @@ class DeepseekV3(nnx.Module):
         logits = self.logits(hidden)
         mtp_logits, mtp_aux = [], []
         if with_mtp:
-            prev = hidden
-            for k, module in enumerate(self.mtp, start=1):
-                # depth k: row i combines h_i with token i+k and predicts token i+k+1.
-                lg, prev, a = module(prev[:, :-1], tokens[:, k:], positions[:, :-k])
-                mtp_logits.append(lg)
-                mtp_aux.append(a)
+            mtp_logits, mtp_aux = self.mtp_forward(hidden, tokens, positions, mask)
         return ForwardOut(logits, hidden, aux, tuple(mtp_logits), tuple(mtp_aux))
+
+    def mtp_forward(self, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
+                    mask: jax.Array | None = None) -> tuple[list, list]:
+        """Every MTP depth from the main model's final hidden state [B, T, D].
+
+        Depth k: row i combines h_i with token i+k and predicts token i+k+1; its attention mask is
+        the main mask's top-left [T-k, T-k] block. Returns (logits per depth, aux per depth).
+        """
+        logits, auxes = [], []
+        prev, T = hidden, tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            m = None if mask is None else mask[:, :, :T - k, :T - k]
+            lg, prev, a = module(prev[:, :-1], tokens[:, k:], positions[:, :-k], m)
+            logits.append(lg)
+            auxes.append(a)
+        return logits, auxes
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return jnp.einsum("BTD,DV->BTV", hidden, compute(self.lm_head_DV[...], self.cfg),

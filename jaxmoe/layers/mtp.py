@@ -34,9 +34,10 @@ class MTPModule(nnx.Module):
         self.head_norm = RMSNorm(D, cfg, rngs=rngs)
         self.head_DV = param(rngs, (D, V), (axes.EMBED, axes.VOCAB), cfg)
 
-    def __call__(self, h: jax.Array, next_tokens: jax.Array, positions: jax.Array
-                 ) -> tuple[jax.Array, jax.Array, dict]:
-        """h [B, T', D] aligned with next_tokens [B, T'] (token i+k for row i), positions [B, T'].
+    def __call__(self, h: jax.Array, next_tokens: jax.Array, positions: jax.Array,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+        """h [B, T', D] aligned with next_tokens [B, T'] (token i+k for row i), positions [B, T'];
+        `mask` [B, 1, T', T'] overrides the causal mask (document masking in packed rows).
 
         Returns (logits [B, T', V] float32, this depth's hidden [B, T', D], routing aux).
         """
@@ -45,7 +46,7 @@ class MTPModule(nnx.Module):
         u = jnp.concatenate([self.enorm(emb), self.hnorm(h)], axis=-1)  # [B, T', 2D]
         x = jnp.einsum("BTU,UD->BTD", u, compute(self.eh_proj_UD[...], cfg))
         cos, sin = rope_angles(positions, cfg)
-        x, aux = self.layer(x, positions, cos, sin)
+        x, aux = self.layer(x, positions, cos, sin, mask)
         logits = jnp.einsum("BTD,DV->BTV", self.head_norm(x), compute(self.head_DV[...], cfg),
                             preferred_element_type=jnp.float32)
         return logits, x, aux

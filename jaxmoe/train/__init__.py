@@ -1,0 +1,12 @@
+"""Training: `jaxmoe-train` (cli), TrainConfig and named runs (config), data, optimizer,
+the functional train step and losses (step), Orbax checkpoints, metrics, the loop (trainer)."""
+
+from jaxmoe.train.config import RUNS, TrainConfig, TrainConfigError, get_run, parse_args
+
+__all__ = ["RUNS", "TrainConfig", "TrainConfigError", "get_run", "parse_args", "run"]
+
+
+def run(cfg: TrainConfig) -> dict:
+    from jaxmoe.train.trainer import run as _run
+
+    return _run(cfg)

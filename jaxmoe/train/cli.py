@@ -1,0 +1,35 @@
+"""`jaxmoe-train` / `python -m jaxmoe.train`: pick a run by name, override any field.
+
+    jaxmoe-train --config tiny --steps 50 --workdir /tmp/run     # resumes if /tmp/run has one
+    jaxmoe-train --config tiny --help                           # every flag with its default
+
+Exit codes: 0 done (or preempted and saved), 2 bad configuration (reported before compiling).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxmoe.train.config import TrainConfigError, parse_args
+
+    try:
+        cfg = parse_args(argv)
+    except TrainConfigError as e:
+        print(f"jaxmoe-train: error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from jaxmoe.train.trainer import run
+
+    try:
+        run(cfg)
+    except TrainConfigError as e:
+        print(f"jaxmoe-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""`TrainConfig`: one typed, frozen description of a training run, a registry of named runs, and
+the command line that selects a run by name and overrides any field.
+
+    jaxmoe-train --config tiny --steps 50 --workdir /tmp/run --optim.lr 1e-3 --data.batch_size 32
+
+Every field is a flag named `--section.field` (`--steps`, `--workdir`, `--seed` are top-level);
+`--help` (after `--config NAME`) lists them with that run's values as defaults. Values are parsed
+by the field's type; booleans take true/false. `--model.overrides "hidden_size=128,..."` edits
+the architecture (`ModelConfig` fields, typed the same way). `validate()` raises `TrainConfigError`
+naming the field for every combination that cannot run; `trainer.prepare()` adds the checks that
+need the devices and the data (mesh/device mismatch, batch divisibility, missing paths), all
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+from jaxmoe.config import ConfigError, ModelConfig
+
+SCHEDULES = ("cosine", "staged", "constant")
+SOURCES = ("stdlib", "memmap", "jsonl")
+MESHES = ("auto", "data")
+
+
+class TrainConfigError(ConfigError):
+    """A run that cannot start; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tiny"                # jaxmoe.PRESETS name (ignored with init_from)
+    overrides: str = ""                 # "field=value,..." applied to the ModelConfig
+    init_from: str = ""                 # HF or converted Orbax folder to fine-tune from
+    param_dtype: str = "float32"        # master weights
+    dtype: str = "float32"              # matmul compute dtype
+    moe_impl: str = "auto"              # routed-expert dispatch (layers/dispatch.py)
+    remat: bool = False                 # recompute each layer in the backward pass
+    init: str = "auto"                  # random init: host (numpy) | device (jitted) | auto
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    name: str = "auto"                  # 'auto' | 'data' today; pjit_configs presets later
+    data: int = -1                      # data-parallel shards; -1 = every device
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    source: str = "stdlib"              # stdlib | memmap | jsonl
+    path: str = ""                      # memmap .npy/.bin or .jsonl file
+    eval_path: str = ""                 # optional held-out file of the same kind
+    tokenizer: str = ""                 # tokenizer.json (jsonl)
+    text_key: str = "text"              # jsonl field holding the document
+    bin_dtype: str = "uint16"           # element type of a raw .bin memmap
+    eos_id: int = -1                    # memmap: token ending a document (-1: one document)
+    seq_len: int = 128                  # tokens the model sees per row
+    batch_size: int = 16                # GLOBAL rows per optimizer step
+    grad_accum: int = 1                 # microbatches per optimizer step
+    eval_fraction: float = 0.02         # held-out share when there is no eval_path
+    eval_batches: int = 4               # eval batches (of batch_size rows) per evaluation
+    max_bytes: int = 0                  # stdlib corpus cap in bytes (0: all of it)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-3                    # peak learning rate
+    schedule: str = "cosine"            # cosine | staged (DeepSeek-V3 report) | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1           # cosine floor as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1           # not applied to norm scales or biases
+    clip_norm: float = 1.0              # global-norm clipping (0: off)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSection:
+    mtp_weight: float = 0.3             # lambda; 0 turns MTP off
+    mtp_weight_late: float = 0.1        # lambda after mtp_switch
+    mtp_switch: float = 10.0 / 14.8     # fraction of steps (report: first 10T of 14.8T tokens)
+    balance_alpha: float = 1e-4         # sequence-wise balance loss; 0 turns it off
+    bias_update_speed: float = 1e-3     # gamma of the aux-loss-free bias update; 0 turns it off
+    bias_update_stop: float = 14.3 / 14.8  # fraction of steps after which gamma = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 100                    # save every K steps (0: only at the end / on SIGTERM)
+    keep: int = 3                       # keep the newest N
+    async_save: bool = True
+    resume: bool = True                 # resume from WORKDIR/checkpoints when present
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    every: int = 1                      # progress line every N steps (metrics.jsonl: every step)
+    eval_every: int = 50                # eval loss every M steps (0: only at the end)
+    tensorboard: bool = True            # event files in WORKDIR/tb
+    peak_tflops: float = 0.0            # per-device peak for MFU (0: table / measured on CPU)
+    sample_bytes: int = 200             # generated sample at the end (byte-level corpora; 0: off)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistSection:
+    coordinator: str = ""               # host:port; empty = single process or auto-detect
+    num_processes: int = 1
+    process_id: int = 0
+    cpu_collectives: str = "gloo"       # CPU cross-process collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str = "tiny"                  # run name (set by --config)
+    steps: int = 300                    # optimizer steps of the whole run (sets the schedules)
+    workdir: str = "runs/tiny"          # checkpoints, metrics.jsonl, tb/; reused = resumed
+    run_steps: int = 0                  # stop (and save) after this many steps in this invocation
+    seed: int = 0                       # init and data order
+    compile_cache: str = "~/.cache/jaxmoe/xla"  # persistent XLA compilation cache ('' : off)
+    model: ModelSection = ModelSection()
+    mesh: MeshSection = MeshSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    loss: LossSection = LossSection()
+    ckpt: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+    dist: DistSection = DistSection()
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, flag: str, msg: str):
+            if not cond:
+                raise TrainConfigError(f"--{flag}={_get(self, flag)!r}: {msg}")
+
+        need(self.steps > 0, "steps", "must be positive")
+        need(self.run_steps >= 0, "run_steps", "must be >= 0 (0: run to --steps)")
+        need(bool(self.workdir), "workdir", "must name a folder")
+        d, o, lo, c, lg = self.data, self.optim, self.loss, self.ckpt, self.log
+        need(self.model.init in ("auto", "host", "device"), "model.init",
+             "must be auto, host or device")
+        need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}")
+        need(d.source == "stdlib" or bool(d.path), "data.path",
+             f"data.source={d.source!r} needs a file")
+        need(d.source != "jsonl" or bool(d.tokenizer), "data.tokenizer",
+             "jsonl text needs a tokenizer.json")
+        need(d.seq_len >= 2, "data.seq_len", "must be >= 2")
+        need(d.batch_size > 0, "data.batch_size", "must be positive")
+        need(d.grad_accum > 0, "data.grad_accum", "must be positive")
+        need(d.batch_size % d.grad_accum == 0, "data.batch_size",
+             f"must be divisible by data.grad_accum={d.grad_accum}")
+        need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        need(d.eval_batches >= 0, "data.eval_batches", "must be >= 0")
+        need(self.mesh.name in MESHES, "mesh.name",
+             f"unknown mesh preset; available now: {MESHES} (pjit_configs presets are not built yet)")
+        need(self.mesh.data == -1 or self.mesh.data > 0, "mesh.data", "must be -1 or positive")
+        need(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
+        need(o.lr > 0, "optim.lr", "must be positive")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0: off)")
+        for f in ("mtp_weight", "mtp_weight_late", "balance_alpha", "bias_update_speed"):
+            need(getattr(lo, f) >= 0, f"loss.{f}", "must be >= 0 (0: off)")
+        need(c.every >= 0 and c.keep >= 1, "ckpt.keep" if c.keep < 1 else "ckpt.every",
+             "every >= 0 and keep >= 1")
+        need(lg.every >= 1, "log.every", "must be >= 1")
+        need(lg.eval_every >= 0, "log.eval_every", "must be >= 0")
+        need(self.dist.num_processes >= 1, "dist.num_processes", "must be >= 1")
+        need(0 <= self.dist.process_id < self.dist.num_processes, "dist.process_id",
+             f"must be in [0, {self.dist.num_processes})")
+        model_overrides(self)  # parses and type-checks the architecture overrides
+        return self
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ runs
+RUNS: dict[str, Callable[[], TrainConfig]] = {}
+
+
+def register(fn: Callable[[], TrainConfig]) -> Callable[[], TrainConfig]:
+    RUNS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+@register
+def tiny() -> TrainConfig:
+    """The `tiny` preset on the built-in byte-level stdlib corpus: a few minutes on a CPU."""
+    return TrainConfig(steps=500, data=DataSection(batch_size=32), optim=OptimSection(warmup_steps=30),
+                       log=LogSection(eval_every=100))
+
+
+@register
+def tiny_debug() -> TrainConfig:
+    """Seconds: a 2-layer tiny model on short rows (tests, smoke runs)."""
+    return TrainConfig(
+        name="tiny-debug", steps=20, workdir="runs/tiny-debug",
+        model=ModelSection(overrides="num_hidden_layers=2"),
+        data=DataSection(seq_len=32, batch_size=8, eval_batches=2, max_bytes=2_000_000),
+        optim=OptimSection(warmup_steps=5),
+        ckpt=CheckpointSection(every=10),
+        log=LogSection(eval_every=10, sample_bytes=0))
+
+
+@register
+def bench_small() -> TrainConfig:
+    """The `bench-small` shape of shared/bench/bench_configs.json (8 x 256 rows) on the corpus."""
+    return TrainConfig(
+        name="bench-small", steps=50, workdir="runs/bench-small",
+        model=ModelSection(overrides=(
+            "vocab_size=8192,hidden_size=512,intermediate_size=1024,moe_intermediate_size=128,"
+            "num_hidden_layers=6,num_nextn_predict_layers=0,num_attention_heads=8,"
+            "n_routed_experts=32,num_experts_per_tok=4,n_group=4,topk_group=2,q_lora_rank=192,"
+            "kv_lora_rank=128,qk_nope_head_dim=64,qk_rope_head_dim=32,v_head_dim=64")),
+        data=DataSection(seq_len=256, batch_size=8),
+        optim=OptimSection(lr=1e-3),
+        log=LogSection(sample_bytes=0))
+
+
+@register
+def v2_lite_finetune() -> TrainConfig:
+    """Fine-tune a converted DeepSeek-V2-Lite (pass --model.init_from and --data.*)."""
+    return TrainConfig(
+        name="v2-lite-finetune", steps=1000, workdir="runs/v2-lite",
+        model=ModelSection(preset="deepseek_v2_lite", dtype="bfloat16", remat=True),
+        data=DataSection(source="jsonl", seq_len=2048, batch_size=64),
+        optim=OptimSection(lr=1e-5, warmup_steps=50),
+        loss=LossSection(mtp_weight=0.0, bias_update_speed=0.0),
+        log=LogSection(eval_every=100, sample_bytes=0))
+
+
+def get_run(name: str) -> TrainConfig:
+    key = name.replace("_", "-")
+    if key not in RUNS:
+        raise TrainConfigError(f"--config={name!r}: unknown run; known: {sorted(RUNS)}")
+    return RUNS[key]()
+
+
+# ------------------------------------------------------------------------ typed overrides
+def _parse_value(text: str, typ, flag: str):
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = args[0]
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if typ is int:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if typ is float:
+            return float(text)
+        return typ(text)
+    except ValueError as e:
+        raise TrainConfigError(f"--{flag}={text!r}: not a valid {typ.__name__} ({e})") from None
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def flag_table(cfg: TrainConfig) -> dict[str, tuple[str | None, str, Any]]:
+    """flag -> (section or None, field, type) for every leaf field."""
+    out = {}
+    for name, typ in _fields(TrainConfig).items():
+        if dataclasses.is_dataclass(typ):
+            for sub, styp in _fields(typ).items():
+                out[f"{name}.{sub}"] = (name, sub, styp)
+        else:
+            out[name] = (None, name, typ)
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConfig:
+    table = flag_table(cfg)
+    for flag, text in pairs:
+        key = flag.replace("-", "_")
+        if key not in table:
+            close = [f for f in table if f.split(".")[-1] == key.split(".")[-1]]
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise TrainConfigError(f"unknown flag --{flag}{hint} (see --help)")
+        section, field, typ = table[key]
+        value = _parse_value(text, typ, key)
+        if section is None:
+            cfg = dataclasses.replace(cfg, **{field: value})
+        else:
+            sec = dataclasses.replace(getattr(cfg, section), **{field: value})
+            cfg = dataclasses.replace(cfg, **{section: sec})
+    return cfg
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """`--model.overrides "a=1,b=x"` parsed by ModelConfig's field types."""
+    text = cfg.model.overrides.strip()
+    if not text:
+        return {}
+    types_ = _fields(ModelConfig)
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise TrainConfigError(f"--model.overrides: {item!r} is not field=value")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k not in types_:
+            raise TrainConfigError(f"--model.overrides: ModelConfig has no field {k!r}")
+        out[k] = _parse_value(v, types_[k], f"model.overrides {k}")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _describe(section: str | None) -> dict[str, str]:
+    """Field comments from the source (shown in --help)."""
+    import inspect
+    cls = TrainConfig if section is None else _fields(TrainConfig)[section]
+    out = {}
+    try:
+        for line in inspect.getsource(cls).splitlines():
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith("#"):
+                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    except (OSError, TypeError):
+        pass
+    return out
+
+
+def build_parser(cfg: TrainConfig) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="jaxmoe-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=("Train a jaxmoe DeepseekV3. Pick a run with --config, override any field.\n"
+                     f"runs: {', '.join(sorted(RUNS))}; defaults below are run "
+                     f"{cfg.name!r}."),
+        epilog="example: jaxmoe-train --config tiny --steps 50 --workdir /tmp/run")
+    ap.add_argument("--config", default=cfg.name, help="named run (default %(default)s)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    groups: dict[str | None, Any] = {}
+    for flag, (section, field, typ) in flag_table(cfg).items():
+        if section not in groups:
+            groups[section] = ap.add_argument_group(section or "run")
+        desc = _describe(section).get(field, "")
+        default = getattr(cfg if section is None else getattr(cfg, section), field)
+        tname = getattr(typ, "__name__", str(typ))
+        names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
+        groups[section].add_argument(*names, dest=flag, metavar=tname.upper(), default=None,
+                                     help=f"{desc} (default: {default!r})".strip())
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """argv -> a validated TrainConfig (raises TrainConfigError; exits for --help)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    cfg = get_run(known.config)
+    args, unknown = build_parser(cfg).parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=", 1)[0]
+        if not flag.startswith("--"):
+            raise TrainConfigError(f"unexpected argument {flag!r} (flags are --section.field VALUE)")
+        apply_overrides(cfg, [(flag[2:], "")])  # raises, naming the closest flag
+        raise TrainConfigError(f"unknown flag {flag} (see --help)")
+    pairs = [(flag, v) for flag, v in vars(args).items()
+             if v is not None and flag not in ("config", "print_config")]
+    cfg = apply_overrides(cfg, pairs).validate()
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        raise SystemExit(0)
+    return cfg

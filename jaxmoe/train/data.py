@@ -1,0 +1,308 @@
+"""Deterministic, resumable, per-process-sharded training data.
+
+A `Corpus` is one flat token stream plus the offsets where documents start. Rows are cut from
+the stream every `seq_len` tokens, each `seq_len + 1` long (inputs and shifted targets), so
+documents are packed back to back and split across rows. Every row carries a segment id per
+token (the document's index within the row, from 1; 0 is padding) from which the step builds
+
+  * the attention mask: causal AND same document (no attention across a boundary);
+  * the positions: restarting at 0 where a document starts inside the row;
+  * the loss mask: target i+1 counts only when it is in the same document as token i.
+
+Order: global sample g (rows consumed so far across all processes) is row
+`perm_e[g mod n]` of epoch `e = g // n`, `perm_e` a permutation seeded by (seed, e). The data
+position saved with a checkpoint is the single integer `consumed`, so a resumed run (even with
+another batch size) continues the stream exactly. Each process reads only the rows its devices
+hold (`jax.make_array_from_callback`).
+
+Sources: the Python standard library's own `.py` files as bytes (built in, no download);
+pre-tokenized `.npy` / `.bin` memmaps (documents split at `eos_id`); JSONL text tokenized with a
+`tokenizer.json` (the `tokenizers` library).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import zlib
+
+import numpy as np
+
+from jaxmoe.train.config import DataSection, TrainConfigError
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclasses.dataclass
+class Corpus:
+    tokens: np.ndarray          # [n] integer token stream (may be a memmap)
+    doc_starts: np.ndarray      # [docs] int64, sorted, doc_starts[0] == 0
+    vocab: int                  # tokens are < vocab
+    fingerprint: str            # identifies the stream (checked on resume)
+    name: str
+    byte_level: bool = False
+
+    def n_rows(self, seq_len: int) -> int:
+        return max((len(self.tokens) - 1) // seq_len, 0)
+
+
+# ---------------------------------------------------------------------------------- sources
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _held_out(key: str, fraction: float) -> bool:
+    return zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+
+
+def _from_docs(docs: list[np.ndarray], vocab: int, name: str, dtype, byte_level=False) -> Corpus:
+    lengths = np.array([len(d) for d in docs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(docs) else np.zeros(1, np.int64)
+    tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
+    crc = zlib.crc32(tokens.tobytes())
+    return Corpus(tokens, starts.astype(np.int64), vocab,
+                  _fingerprint(name, len(tokens), len(docs), crc), name, byte_level)
+
+
+def stdlib_files() -> list[tuple[str, str]]:
+    """(relative path, absolute path) of the standard library's .py files, tests excluded."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS)
+        for f in sorted(files):
+            if f.endswith(".py"):
+                full = os.path.join(d, f)
+                out.append((os.path.relpath(full, root), full))
+    return out
+
+
+def stdlib_corpora(eval_fraction: float, max_bytes: int = 0) -> tuple[Corpus, Corpus]:
+    """Byte-level tokens (0..255) of the stdlib `.py` files; each file one document; a file is
+    held out for eval when crc32(relative path) falls in the eval fraction."""
+    train, held, total = [], [], 0
+    for rel, full in stdlib_files():
+        try:
+            with open(full, "rb") as f:
+                data = np.frombuffer(f.read(), np.uint8)
+        except OSError:
+            continue
+        if not len(data):
+            continue
+        if _held_out(rel, eval_fraction):
+            held.append(data)
+        else:
+            if max_bytes and total + len(data) > max_bytes:
+                continue
+            train.append(data)
+            total += len(data)
+    if not train:
+        raise TrainConfigError(f"--data.source=stdlib: no .py files under "
+                               f"{sysconfig.get_paths()['stdlib']}")
+    tag = f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}"
+    return (_from_docs(train, 256, tag + ":train", np.uint8, True),
+            _from_docs(held, 256, tag + ":eval", np.uint8, True))
+
+
+def _open_memmap(path: str, bin_dtype: str) -> np.ndarray:
+    if path.endswith(".npy"):
+        a = np.load(path, mmap_mode="r")
+        if a.ndim != 1:
+            a = a.reshape(-1)
+    else:
+        a = np.memmap(path, dtype=np.dtype(bin_dtype), mode="r")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TrainConfigError(f"--data.path={path!r}: tokens must be integers, not {a.dtype}")
+    return a
+
+
+def memmap_corpus(tokens: np.ndarray, eos_id: int, name: str, vocab: int) -> Corpus:
+    if eos_id >= 0:
+        ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1
+        starts = np.concatenate([[0], ends[ends < len(tokens)]]).astype(np.int64)
+    else:
+        starts = np.zeros(1, np.int64)
+    st = os.stat(name) if os.path.exists(name) else None
+    fp = _fingerprint(name, len(tokens), st and st.st_size, st and int(st.st_mtime), eos_id)
+    return Corpus(tokens, starts, vocab, fp, name)
+
+
+def memmap_corpora(d: DataSection, vocab: int) -> tuple[Corpus, Corpus]:
+    """A pre-tokenized stream; eval is `eval_path` or the stream's last eval_fraction."""
+    tok = _open_memmap(d.path, d.bin_dtype)
+    if d.eval_path:
+        ev = _open_memmap(d.eval_path, d.bin_dtype)
+        return (memmap_corpus(tok, d.eos_id, d.path, vocab),
+                memmap_corpus(ev, d.eos_id, d.eval_path, vocab))
+    cut = len(tok) - int(len(tok) * d.eval_fraction)
+    return (memmap_corpus(tok[:cut], d.eos_id, d.path, vocab),
+            memmap_corpus(tok[cut:], d.eos_id, d.path + ":eval", vocab))
+
+
+def _read_jsonl(path: str, key: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TrainConfigError(f"{path}:{i + 1}: not JSON ({e})") from None
+            if not isinstance(obj, dict) or key not in obj:
+                raise TrainConfigError(f"{path}:{i + 1}: no {key!r} field (--data.text_key)")
+            texts.append(str(obj[key]))
+    return texts
+
+
+def jsonl_corpora(d: DataSection) -> tuple[Corpus, Corpus]:
+    """Each JSONL line one document, tokenized with `tokenizer.json`; the tokenizer's EOS (if it
+    has one of </s>, <|endoftext|>, <eos>) is appended to each document."""
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(d.tokenizer)
+    vocab = tk.get_vocab_size(with_added_tokens=True)
+    eos = next((tk.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
+                if tk.token_to_id(t) is not None), None)
+    dtype = np.uint16 if vocab <= 65535 else np.int32
+
+    def docs_of(texts):
+        out = []
+        for enc in tk.encode_batch(texts, add_special_tokens=False):
+            ids = enc.ids + ([eos] if eos is not None else [])
+            if ids:
+                out.append(np.asarray(ids, dtype))
+        return out
+
+    texts = _read_jsonl(d.path, d.text_key)
+    if d.eval_path:
+        train, held = texts, _read_jsonl(d.eval_path, d.text_key)
+    else:
+        train = [t for i, t in enumerate(texts) if not _held_out(f"line{i}", d.eval_fraction)]
+        held = [t for i, t in enumerate(texts) if _held_out(f"line{i}", d.eval_fraction)]
+    tag = f"{d.path}:{_fingerprint(d.tokenizer, os.path.getsize(d.tokenizer))}"
+    return (_from_docs(docs_of(train), vocab, tag + ":train", dtype),
+            _from_docs(docs_of(held), vocab, tag + ":eval", dtype))
+
+
+def check_paths(d: DataSection) -> None:
+    """Missing files fail here, before anything is built."""
+    for flag in ("path", "eval_path", "tokenizer"):
+        p = getattr(d, flag)
+        if p and not os.path.exists(p):
+            raise TrainConfigError(f"--data.{flag}={p!r}: no such file")
+
+
+def load_corpora(d: DataSection, model_vocab: int) -> tuple[Corpus, Corpus]:
+    check_paths(d)
+    if d.source == "stdlib":
+        train, ev = stdlib_corpora(d.eval_fraction, d.max_bytes)
+    elif d.source == "memmap":
+        train, ev = memmap_corpora(d, model_vocab)
+    else:
+        train, ev = jsonl_corpora(d)
+    if train.vocab > model_vocab:
+        raise TrainConfigError(f"--data.source={d.source}: tokens reach {train.vocab - 1} but the "
+                               f"model's vocab_size is {model_vocab}")
+    if train.n_rows(d.seq_len) < 1:
+        raise TrainConfigError(f"--data.seq_len={d.seq_len}: the corpus ({len(train.tokens)} "
+                               "tokens) has no full row")
+    return train, ev
+
+
+# ------------------------------------------------------------------------------------ rows
+def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Rows (indices) -> tokens / segments / positions, each [len(rows), seq_len + 1] int32."""
+    T1 = seq_len + 1
+    starts = rows.astype(np.int64) * seq_len
+    idx = starts[:, None] + np.arange(T1)[None, :]  # [R, T1] stream offsets
+    tokens = np.asarray(corpus.tokens[idx.reshape(-1)]).reshape(idx.shape).astype(np.int32)
+    doc = np.searchsorted(corpus.doc_starts, idx, side="right") - 1  # [R, T1] global doc index
+    segments = (doc - doc[:, :1] + 1).astype(np.int32)  # 1-based within the row
+    new = np.concatenate([np.ones((len(rows), 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+    first = np.maximum.accumulate(np.where(new, np.arange(T1)[None, :], 0), axis=1)
+    positions = (np.arange(T1)[None, :] - first).astype(np.int32)
+    if len(tokens) and tokens.max(initial=0) >= corpus.vocab:
+        raise TrainConfigError(f"{corpus.name}: token id {int(tokens.max())} >= vocab "
+                               f"{corpus.vocab}")
+    return {"tokens": tokens, "segments": segments, "positions": positions}
+
+
+class Sampler:
+    """Global sample g -> row index: a fresh seeded permutation of the rows each epoch."""
+
+    def __init__(self, n_rows: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n_rows, seed, shuffle
+        self._perm: dict[int, np.ndarray] = {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        if epoch not in self._perm:
+            if len(self._perm) > 2:
+                self._perm.clear()
+            self._perm[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm[epoch]
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        g = np.arange(start, start + count, dtype=np.int64)
+        epoch, off = g // self.n, g % self.n
+        out = np.empty(count, np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self.perm(int(e))[off[sel]]
+        return out
+
+
+class Loader:
+    """Global batches [A, B/A, seq_len + 1] (A = grad_accum microbatches) of one corpus, laid
+    out on `sharding`; each process materialises only its own rows."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                 shuffle: bool = True):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.B, self.A = batch_size, grad_accum
+        self.sampler = Sampler(corpus.n_rows(seq_len), seed, shuffle)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.A, self.B // self.A, self.seq_len + 1)
+
+    def host_rows(self, consumed: int, mb: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows lo:hi of microbatch mb of the global batch starting at sample `consumed`."""
+        per = self.B // self.A
+        rows = self.sampler.rows(consumed + mb * per + lo, hi - lo)
+        return pack_rows(self.corpus, rows, self.seq_len)
+
+    def host_batch(self, consumed: int) -> dict[str, np.ndarray]:
+        """The whole global batch on the host (tests, single-process tools)."""
+        parts = [self.host_rows(consumed, a, 0, self.B // self.A) for a in range(self.A)]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+    def global_batch(self, consumed: int, sharding) -> dict:
+        import jax
+
+        cache: dict[tuple, dict] = {}
+
+        def piece(key: str, index: tuple) -> np.ndarray:
+            a_sl, r_sl = index[0], index[1]
+            a_ids = range(self.A)[a_sl]
+            lo, hi, _ = r_sl.indices(self.B // self.A)
+            out = []
+            for a in a_ids:
+                ck = (a, lo, hi)
+                if ck not in cache:
+                    cache[ck] = self.host_rows(consumed, a, lo, hi)
+                out.append(cache[ck][key])
+            return np.stack(out)[(slice(None), slice(None)) + tuple(index[2:])]
+
+        return {k: jax.make_array_from_callback(self.shape, sharding, lambda i, k=k: piece(k, i))
+                for k in ("tokens", "segments", "positions")}

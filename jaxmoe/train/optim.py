@@ -1,0 +1,77 @@
+"""The optimizer (dsv3-spec §11): global-norm clipping, then AdamW (beta1 0.9, beta2 0.95,
+weight decay 0.1 on matrices and embeddings, never on norm scales or biases), with a
+warm-up + cosine schedule or the technical report's staged schedule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmoe.train.config import OptimSection
+
+# The report's staged LR over 14.8T tokens (dsv3-spec §11), as fractions of the run:
+# constant peak until 10T, cosine to 0.1 x peak by 14.3T, 0.1 x peak until 14.633T, then
+# 7.3e-6 / 2.2e-4 of peak to the end.
+STAGED_CONST_END = 10.0 / 14.8
+STAGED_COSINE_END = 14.3 / 14.8
+STAGED_FLOOR_END = 14.633 / 14.8
+STAGED_FLOOR = 0.1
+STAGED_LAST = 7.3e-6 / 2.2e-4
+
+
+def schedule(o: OptimSection, total_steps: int) -> optax.Schedule:
+    warm = min(o.warmup_steps, max(total_steps - 1, 0))
+    peak = o.lr
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warm, 1)),
+                                     optax.constant_schedule(peak)], [warm]) if warm else \
+            optax.constant_schedule(peak)
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warm, max(total_steps, warm + 1), end_value=peak * o.min_lr_ratio)
+
+    def staged(step):
+        step = jnp.asarray(step, jnp.float32)
+        n = float(max(total_steps, 1))
+        c_end, cos_end, f_end = STAGED_CONST_END * n, STAGED_COSINE_END * n, STAGED_FLOOR_END * n
+        warmup = peak * step / max(warm, 1)
+        frac = jnp.clip((step - c_end) / max(cos_end - c_end, 1.0), 0.0, 1.0)
+        cosine = peak * (STAGED_FLOOR + (1 - STAGED_FLOOR) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+        lr = jnp.where(step < c_end, peak, cosine)
+        lr = jnp.where(step >= cos_end, peak * STAGED_FLOOR, lr)
+        lr = jnp.where(step >= f_end, peak * STAGED_LAST, lr)
+        return jnp.where(step < warm, warmup, lr)
+
+    return staged
+
+
+def _names(path) -> list[str]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+    return out
+
+
+def decays(path) -> bool:
+    """Weight decay applies to every parameter except norm scales and biases."""
+    names = [n for n in _names(path) if n != "value"]
+    leaf = names[-1] if names else ""
+    return not (leaf == "scale" or leaf.startswith("bias") or leaf.endswith("bias"))
+
+
+def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params)
+
+
+def make_optimizer(o: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                optax.Schedule]:
+    lr = schedule(o, total_steps)
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), lr

@@ -1,0 +1,219 @@
+"""The functional train and eval steps (`nnx.merge` inside `jax.jit`) and the losses of
+dsv3-spec §11, all in float32:
+
+  objective = CE(next token)
+            + lambda(step) / D * sum_k CE_k(MTP depth k)      (lambda 0.3 -> 0.1; 0: off)
+            + alpha * sum_layers sum_i f_i P_i                 (sequence-wise balance; 0: off)
+
+Token losses are sums over unmasked targets divided by the count over the WHOLE global batch,
+so gradient accumulation over microbatches gives exactly the full-batch gradient.
+
+After the optimizer update - outside the gradient - the aux-loss-free bias update moves each
+router's `e_score_correction_bias` by a fixed step gamma against its expert's load,
+b_i += gamma * sign(mean_j c_j - c_i), then re-centres b to mean 0. The counts c are summed
+over every microbatch of the global batch, which is sharded over all data shards and
+processes, so inside the jitted step XLA reduces them across devices and hosts: every replica
+applies the same update from GLOBAL counts.
+
+State: {"params", "biases", "rest", "opt", "rng", "step"}; batches come from
+`data.Loader.global_batch` as {"tokens", "segments", "positions"} [A, B/A, T + 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.layers.mla import causal_mask
+from jaxmoe.train.config import LossSection
+
+
+# ------------------------------------------------------------------------------- masks
+def doc_mask(segments: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> [B, 1, T, T] bool: causal within the same document."""
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    idx = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
+    return same & causal_mask(idx, idx) & (segments[:, None, :, None] > 0)
+
+
+def target_mask(segments: jax.Array, k: int = 0) -> jax.Array:
+    """[B, T+1] -> [B, T-k] float: target i+k+1 lies in token i's document (no padding)."""
+    T1 = segments.shape[1]
+    src, tgt = segments[:, :T1 - 1 - k], segments[:, k + 1:]
+    return ((src == tgt) & (src > 0)).astype(jnp.float32)
+
+
+def nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return ((logz - gold) * mask).sum()
+
+
+# --------------------------------------------------------------------------------- MTP
+def mtp_forward(model, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
+                mask: jax.Array) -> tuple[list, list]:
+    """The MTP depths of `DeepseekV3.forward(with_mtp=True)` under the document mask."""
+    return model.mtp_forward(hidden, tokens, positions, mask)
+
+
+# ---------------------------------------------------------------------------- the step
+class StepFns:
+    """Builds the jitted train / eval steps for one model graph and one run config."""
+
+    def __init__(self, graphdef, mcfg: ModelConfig, loss: LossSection, tx: optax.GradientTransformation,
+                 lr_fn: Callable, total_steps: int):
+        self.graphdef, self.mcfg, self.loss, self.tx, self.lr_fn = graphdef, mcfg, loss, tx, lr_fn
+        self.total_steps = total_steps
+        self.use_mtp = loss.mtp_weight > 0 and mcfg.num_nextn_predict_layers > 0
+        self.use_balance = loss.balance_alpha > 0 and mcfg.num_moe_layers > 0
+        self.use_bias = loss.bias_update_speed > 0 and mcfg.has_router_bias
+
+    # -- schedules of the loss weights (traced step)
+    def mtp_lambda(self, step):
+        switch = self.loss.mtp_switch * self.total_steps
+        return jnp.where(step < switch, self.loss.mtp_weight, self.loss.mtp_weight_late)
+
+    def gamma(self, step):
+        stop = self.loss.bias_update_stop * self.total_steps
+        return jnp.where(step < stop, self.loss.bias_update_speed, 0.0)
+
+    # -- one microbatch
+    def micro_loss(self, params, biases, rest, mb, denom, step, n_micro: int = 1):
+        """mb: tokens/segments/positions [b, T+1]; denom: global target counts per depth.
+
+        Token losses are divided by the global counts, the per-row-averaged balance terms by the
+        number of microbatches, so the sum over microbatches is the global-batch objective.
+        """
+        model = nnx.merge(self.graphdef, params, biases, rest)
+        tok, seg, pos = mb["tokens"], mb["segments"], mb["positions"]
+        inputs, positions, seg_in = tok[:, :-1], pos[:, :-1], seg[:, :-1]
+        mask = doc_mask(seg_in, positions)
+        out = model.forward(inputs, positions, mask=mask)
+        ce = nll_sum(out.logits, tok[:, 1:], target_mask(seg)) / denom[0]
+        obj = ce
+        aux = {"ce": ce}
+        if out.aux:
+            aux["counts"] = out.aux["counts"]                    # [L_moe, E]
+            bal = out.aux["seq_balance"].sum() / n_micro         # summed over MoE layers
+            aux["balance"] = bal
+            if self.use_balance:
+                obj = obj + self.loss.balance_alpha * bal
+        if self.use_mtp:
+            lgs, mtp_aux = mtp_forward(model, out.hidden, inputs, positions, mask)
+            mtp = 0.0
+            for k, (lg, a) in enumerate(zip(lgs, mtp_aux), start=1):
+                mtp = mtp + nll_sum(lg, tok[:, k + 1:], target_mask(seg, k)) / denom[k]
+                aux[f"mtp_counts{k}"] = a["counts"]
+                if self.use_balance:
+                    obj = obj + self.loss.balance_alpha * a["seq_balance"] / n_micro
+            mtp = mtp / len(lgs)
+            aux["mtp"] = mtp
+            obj = obj + self.mtp_lambda(step) * mtp
+        aux["objective"] = obj
+        return obj, aux
+
+    def denominators(self, seg: jax.Array) -> jax.Array:
+        """Global target counts [1 + D]: next token and each MTP depth. seg [A, b, T+1]."""
+        flat = seg.reshape(-1, seg.shape[-1])
+        D = self.mcfg.num_nextn_predict_layers if self.use_mtp else 0
+        return jnp.stack([jnp.maximum(target_mask(flat, k).sum(), 1.0) for k in range(D + 1)])
+
+    # -- the optimizer step
+    def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        params, biases, rest = state["params"], state["biases"], state["rest"]
+        step = state["step"]
+        denom = self.denominators(batch["segments"])
+        A = batch["tokens"].shape[0]
+        grad_fn = jax.value_and_grad(self.micro_loss, has_aux=True)
+        if A == 1:
+            mb = jax.tree.map(lambda x: x[0], batch)
+            (_, aux), grads = grad_fn(params, biases, rest, mb, denom, step)
+        else:
+            def body(carry, mb):
+                g_acc, a_acc = carry
+                (_, a), g = grad_fn(params, biases, rest, mb, denom, step, A)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
+
+            a0 = jax.eval_shape(lambda: self.micro_loss(
+                params, biases, rest, jax.tree.map(lambda x: x[0], batch), denom, step, A)[1])
+            a0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a0)
+            g0 = jax.tree.map(jnp.zeros_like, params)
+            (grads, aux), _ = jax.lax.scan(body, (g0, a0), batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt = self.tx.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": aux["ce"], "objective": aux["objective"], "grad_norm": grad_norm,
+                   "lr": jnp.asarray(self.lr_fn(step), jnp.float32)}
+        if "balance" in aux:
+            metrics["balance_loss"] = self.loss.balance_alpha * aux["balance"]
+        if "mtp" in aux:
+            metrics["mtp_loss"] = aux["mtp"]
+            metrics["mtp_lambda"] = self.mtp_lambda(step)
+        counts = self.counts_by_bias_path(aux)
+        if self.use_bias:
+            biases = bias_update(biases, counts, self.gamma(step))
+        metrics.update(routing_metrics(aux, biases))
+        new = dict(state, params=params, biases=biases, opt=opt, step=step + 1,
+                   rng=jax.random.fold_in(state["rng"], step))
+        return new, metrics
+
+    def counts_by_bias_path(self, aux: dict) -> dict[tuple, jax.Array]:
+        """Routing counts keyed by the path of the router bias they steer."""
+        out = {}
+        if "counts" in aux:
+            out[("moe_layers", "ffn", "router", "bias_E")] = aux["counts"]
+        for k in range(1, self.mcfg.num_nextn_predict_layers + 1):
+            if f"mtp_counts{k}" in aux:
+                out[("mtp", k - 1, "layer", "ffn", "router", "bias_E")] = aux[f"mtp_counts{k}"]
+        return out
+
+    # -- eval
+    def eval_step(self, state: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(sum of next-token NLL, target count) over a batch [A, b, T+1]."""
+        model = nnx.merge(self.graphdef, state["params"], state["biases"], state["rest"])
+        flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
+        tok, seg, pos = flat["tokens"], flat["segments"], flat["positions"]
+        out = model.forward(tok[:, :-1], pos[:, :-1], mask=doc_mask(seg[:, :-1], pos[:, :-1]))
+        m = target_mask(seg)
+        return nll_sum(out.logits, tok[:, 1:], m), m.sum()
+
+
+def bias_update(biases: nnx.State, counts: dict[tuple, jax.Array], gamma) -> nnx.State:
+    """b += gamma * sign(mean load - load), then b -= mean(b), per router (last axis = experts)."""
+    flat = dict(nnx.to_flat_state(biases))
+    for path, var in flat.items():
+        if path not in counts:
+            continue
+        c = counts[path].astype(jnp.float32)
+        b = var.get_value()
+        b = b + gamma * jnp.sign(c.mean(-1, keepdims=True) - c)
+        flat[path] = var.replace(b - b.mean(-1, keepdims=True))
+    return nnx.from_flat_state(list(flat.items()))
+
+
+DETAIL_MAX = 512  # models with at most this many (MoE layer, expert) pairs also log them all
+
+
+def routing_metrics(aux: dict, biases: nnx.State) -> dict[str, Any]:
+    """Per MoE layer: load imbalance max/mean, dead experts, router bias L2 norm; for small
+    models also the global expert counts and the biases themselves ([L_moe, E])."""
+    out = {}
+    flat = dict(nnx.to_flat_state(biases))
+    b = flat.get(("moe_layers", "ffn", "router", "bias_E"))
+    if "counts" in aux:
+        c = aux["counts"]
+        out["load_max_over_mean"] = c.max(-1) / jnp.maximum(c.mean(-1), 1e-9)
+        out["dead_experts"] = (c == 0).sum(-1)
+        if c.size <= DETAIL_MAX:
+            out["expert_counts"] = c
+            if b is not None:
+                out["router_bias"] = b.get_value()
+    if b is not None:
+        out["router_bias_norm"] = jnp.sqrt((b.get_value() ** 2).sum(-1))
+    return out

@@ -1,0 +1,372 @@
+"""The training run: distributed init, checks, model and state on the mesh, the loop,
+checkpoints, eval, metrics, preemption.
+
+Order matters: `prepare()` does every check that needs the devices or the data (mesh vs
+devices, batch divisibility, data paths, vocab) before anything is initialised or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jaxmoe
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.layers.params import RouterBias
+from jaxmoe.train import data as data_lib
+from jaxmoe.train import metrics as metrics_lib
+from jaxmoe.train.checkpoint import Checkpointer
+from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
+from jaxmoe.train.optim import make_optimizer
+from jaxmoe.train.step import StepFns
+
+DATA_AXIS = "data"
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def setup_jax(cfg: TrainConfig) -> None:
+    """Process-wide JAX settings, before any computation: the persistent compilation cache
+    (a resumed or repeated run skips XLA compiles) unless JAX_COMPILATION_CACHE_DIR is set."""
+    if cfg.compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """Before any other JAX call. `--dist.coordinator auto` lets JAX detect the cluster
+    (TPU pods, SLURM, ...); host:port with num_processes/process_id sets it up by hand."""
+    d = cfg.dist
+    if not d.coordinator:
+        return
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    except Exception:  # older/newer JAX without the option: CPU multi-process unsupported
+        pass
+    if d.coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=d.coordinator,
+                                   num_processes=d.num_processes, process_id=d.process_id)
+
+
+# ------------------------------------------------------------------------------ planning
+@dataclasses.dataclass
+class Plan:
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    mesh: Mesh
+    train: data_lib.Corpus
+    eval: data_lib.Corpus
+
+
+def build_mesh(cfg: TrainConfig) -> Mesh:
+    """Today: one 'data' axis over every device (batch sharded, params replicated). Mesh
+    presets from pjit_configs will plug in here by `--mesh.name`."""
+    devices = jax.devices()
+    n = len(devices)
+    want = n if cfg.mesh.data == -1 else cfg.mesh.data
+    if want != n:
+        raise TrainConfigError(f"--mesh.data={want}: mesh {cfg.mesh.name!r} must span all {n} "
+                               f"devices ({devices[0].platform} x {n}, "
+                               f"{jax.process_count()} process(es)); use -1 or {n}")
+    return Mesh(np.asarray(devices).reshape(n), (DATA_AXIS,))
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    m = cfg.model
+    over = {"param_dtype": m.param_dtype, "dtype": m.dtype, "moe_impl": m.moe_impl,
+            **model_overrides(cfg)}
+    try:
+        if m.init_from:
+            if not os.path.exists(m.init_from):
+                raise TrainConfigError(f"--model.init_from={m.init_from!r}: no such folder")
+            from jaxmoe import orbax_io
+
+            if orbax_io.is_orbax_dir(m.init_from):
+                base = orbax_io.config_of(orbax_io.read_marker(m.init_from), m.param_dtype)
+            else:
+                base = ModelConfig.from_hf_config(m.init_from)
+            return base.replace(**over)
+        return jaxmoe.get_preset(m.preset, **over)
+    except TrainConfigError:
+        raise
+    except ConfigError as e:
+        flag = "--model.preset" if "preset" in str(e) else "--model.overrides"
+        raise TrainConfigError(f"{flag}: {e}") from None
+
+
+def prepare(cfg: TrainConfig) -> Plan:
+    cfg.validate()
+    mcfg = resolve_model_config(cfg)
+    d = cfg.data
+    data_lib.check_paths(d)
+    mesh = build_mesh(cfg)
+    n_data = mesh.shape[DATA_AXIS]
+    per_micro = d.batch_size // d.grad_accum
+    if per_micro % n_data:
+        raise TrainConfigError(
+            f"--data.batch_size={d.batch_size}: {d.grad_accum} microbatch(es) of {per_micro} rows "
+            f"do not divide over {n_data} data shards (need a multiple of "
+            f"{n_data * d.grad_accum})")
+    if d.seq_len > mcfg.max_position_embeddings:
+        raise TrainConfigError(f"--data.seq_len={d.seq_len}: longer than the model's "
+                               f"max_position_embeddings={mcfg.max_position_embeddings}")
+    train, ev = data_lib.load_corpora(d, mcfg.vocab_size)
+    return Plan(cfg, mcfg, mesh, train, ev)
+
+
+# ------------------------------------------------------------------------------- state
+def split_model(model):
+    graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+    return graphdef, {"params": params, "biases": biases, "rest": rest}
+
+
+def init_state(plan: Plan, tx, replicated: NamedSharding):
+    """(graphdef, train state on the mesh). Parameters come from `--model.init_from`, from a
+    numpy init on the host (small models: no init program to compile), or from the model's own
+    init jitted with the output shardings (every process builds only its shards)."""
+    cfg = plan.cfg
+
+    def finish(parts):
+        return dict(parts, opt=tx.init(parts["params"]), rng=jax.random.PRNGKey(cfg.seed),
+                    step=jnp.zeros((), jnp.int32))
+
+    if cfg.model.init_from:
+        loaded = jaxmoe.load_model(cfg.model.init_from, dtype=cfg.model.param_dtype,
+                                   moe_impl=plan.mcfg.moe_impl)
+        plan.mcfg = plan.mcfg.replace(
+            num_nextn_predict_layers=loaded.cfg.num_nextn_predict_layers)
+    mcfg = plan.mcfg
+
+    def build():
+        return jaxmoe.DeepseekV3(mcfg, rngs=nnx.Rngs(cfg.seed), remat=cfg.model.remat)
+
+    graphdef, abstract = split_model(nnx.eval_shape(build))
+    if cfg.model.init_from:
+        _, parts = split_model(loaded)
+        return graphdef, jax.jit(finish, out_shardings=replicated)(
+            jax.device_put(parts, replicated))
+    n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    if cfg.model.init == "host" or (cfg.model.init == "auto" and n_bytes < HOST_INIT_BYTES):
+        parts = jax.device_put(host_init(abstract, mcfg, cfg.seed), replicated)
+        return graphdef, jax.jit(finish, out_shardings=replicated)(parts)
+    return graphdef, jax.jit(lambda: finish(split_model(build())[1]), out_shardings=replicated)()
+
+
+HOST_INIT_BYTES = 2 << 30
+
+
+def host_init(parts: dict, mcfg: ModelConfig, seed: int) -> dict:
+    """The model's init (normal(0, initializer_range); norm scales 1; router biases 0) drawn
+    with numpy, one seeded stream per parameter path. Same distribution as
+    `DeepseekV3(cfg, rngs)` without compiling an init program (tens of seconds on CPU)."""
+    import zlib
+
+    def one(path, x):
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+        leaf = [p for p in name.split(".") if p != "value"][-1]
+        if leaf == "scale":
+            a = np.ones(x.shape, np.float32)
+        elif leaf.startswith("bias"):
+            a = np.zeros(x.shape, np.float32)
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            a = mcfg.initializer_range * rng.standard_normal(x.shape, np.float32)
+        return a.astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, parts)
+
+
+def abstract_of(state, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+# --------------------------------------------------------------------------- preemption
+class StopFlag:
+    """SIGTERM/SIGINT -> finish the current step, save, exit 0. A second signal exits now.
+    Multi-process runs also agree on the step through Orbax's preemption sync point."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        if jax.process_count() > 1:
+            return self  # JAX's preemption notifier owns SIGTERM; see Checkpointer
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------- run
+def run(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; returns the last metrics record (process 0's view)."""
+    setup_jax(cfg)
+    init_distributed(cfg)
+    plan = prepare(cfg)
+    mesh, d = plan.mesh, cfg.data
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.steps)
+    t0 = time.perf_counter()
+    graphdef, state = init_state(plan, tx, replicated)
+    mcfg = plan.mcfg
+    fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr_fn, cfg.steps)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    with_mtp = fns.use_mtp
+    flops_tok = metrics_lib.train_flops_per_token(mcfg, d.seq_len, with_mtp)
+    peak, peak_src = metrics_lib.peak_tflops(jax.devices(), mcfg.dtype, cfg.log.peak_tflops)
+    log(f"jaxmoe-train {cfg.name}: {n_params / 1e6:.2f}M params "
+        f"({metrics_lib.active_matmul_params(mcfg, with_mtp) / 1e6:.2f}M active matmul), "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+        f"process(es), mesh {dict(mesh.shape)}; data {plan.train.name}: "
+        f"{len(plan.train.tokens):,} train / {len(plan.eval.tokens):,} eval tokens; "
+        f"batch {d.batch_size} x {d.seq_len} (x{d.grad_accum} accum); peak {peak_src}")
+    log(f"losses: mtp lambda {cfg.loss.mtp_weight if fns.use_mtp else 'off'}, balance alpha "
+        f"{cfg.loss.balance_alpha if fns.use_balance else 'off'}, bias update gamma "
+        f"{cfg.loss.bias_update_speed if fns.use_bias else 'off'}")
+
+    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.ckpt.every, cfg.ckpt.keep,
+                        cfg.ckpt.async_save)
+    consumed, start = 0, 0
+    latest = ckpt.latest_step() if cfg.ckpt.resume else None
+    if latest is not None:
+        state, meta = ckpt.restore(latest, abstract_of(state, replicated))
+        consumed, start = int(meta["data"]["consumed"]), int(latest)
+        if meta["data"].get("fingerprint") != plan.train.fingerprint:
+            log(f"warning: the training data differ from the checkpoint's "
+                f"({meta['data'].get('fingerprint')} -> {plan.train.fingerprint})")
+        log(f"resumed from {ckpt.directory} step {start} (data position {consumed:,} rows)")
+    elif cfg.ckpt.resume and cfg.model.init_from:
+        log(f"initialised from {cfg.model.init_from}")
+
+    writer = metrics_lib.MetricsWriter(cfg.workdir, start, cfg.log.tensorboard,
+                                       enabled=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+        if writer.dropped:
+            log(f"metrics.jsonl: dropped {writer.dropped} line(s) after step {start} "
+                "(not in the checkpoint)")
+
+    train_loader = data_lib.Loader(plan.train, d.seq_len, d.batch_size, d.grad_accum, cfg.seed)
+    eval_loader = (data_lib.Loader(plan.eval, d.seq_len, d.batch_size, d.grad_accum, cfg.seed,
+                                   shuffle=False)
+                   if plan.eval.n_rows(d.seq_len) > 0 and d.eval_batches > 0 else None)
+    jstep = jax.jit(fns.train_step, donate_argnums=(0,),
+                    out_shardings=(replicated, replicated))
+    jeval = jax.jit(fns.eval_step, out_shardings=replicated)
+
+    def evaluate(st):
+        tot, cnt = 0.0, 0.0
+        for j in range(d.eval_batches):
+            s, c = jeval(st, eval_loader.global_batch(j * d.batch_size, batch_sharding))
+            tot, cnt = tot + float(s), cnt + float(c)
+        return tot / max(cnt, 1.0)
+
+    def meta_of(consumed_):
+        return {"data": {"consumed": consumed_, "fingerprint": plan.train.fingerprint,
+                         "corpus": plan.train.name}, "config": cfg.to_dict()}
+
+    stop = StopFlag().install()
+    tokens_per_step = d.batch_size * d.seq_len
+    clock = {"prev": None}  # when the previous step's results were in hand
+    last: dict = {}
+
+    def ready(pending) -> dict:
+        """Step s's record once its metrics are in hand. Step time = ready(s) - max(ready(s-1),
+        dispatch(s)), so eval/checkpoint work between steps is not charged to a step; the
+        first step of a process (compile) gets no throughput."""
+        s, m, t_disp = pending
+        rec = {"step": s, **{k: np.asarray(v) for k, v in jax.device_get(m).items()}}
+        now = time.perf_counter()
+        if clock["prev"] is not None:
+            dt = now - max(clock["prev"], t_disp)
+            rec["step_time_s"] = dt
+            rec["tokens_per_s"] = tokens_per_step / dt
+            if peak:
+                rec["mfu"] = flops_tok * tokens_per_step / dt / (peak * 1e12)
+        clock["prev"] = now
+        rec["tokens"] = s * tokens_per_step
+        return rec
+
+    def emit(rec: dict) -> None:
+        nonlocal last
+        writer.write(rec)
+        rec = {k: (v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v)
+               for k, v in rec.items()}
+        s = rec["step"]
+        if s % cfg.log.every == 0 or s == cfg.steps or "eval_loss" in rec:
+            log(metrics_lib.progress_line(rec, cfg.steps))
+        last = rec
+
+    step, pending = start, None
+    log(f"setup {time.perf_counter() - t0:.1f}s; steps {start + 1}..{cfg.steps}")
+    try:
+        while step < cfg.steps:
+            batch = train_loader.global_batch(consumed, batch_sharding)  # overlaps step s-1
+            t_disp = time.perf_counter()
+            state, m = jstep(state, batch)
+            step += 1
+            consumed += d.batch_size
+            if pending is not None:
+                emit(ready(pending))
+            pending = (step, m, t_disp)
+            if eval_loader is not None and (
+                    (cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == cfg.steps):
+                rec = ready(pending)
+                rec["eval_loss"] = evaluate(state)
+                emit(rec)
+                pending = None
+            preempted = stop.signum is not None or (
+                jax.process_count() > 1 and ckpt.reached_preemption(step))
+            chunk_done = cfg.run_steps and step - start >= cfg.run_steps
+            if (step == cfg.steps or preempted or chunk_done) and pending is not None:
+                emit(ready(pending))
+                pending = None
+            if step == cfg.steps or preempted or chunk_done:
+                ckpt.save(step, state, meta_of(consumed), force=True)
+                if preempted or chunk_done:
+                    ckpt.wait()
+                    why = f"preempted (signal {stop.signum})" if preempted else \
+                        f"--run_steps {cfg.run_steps} done"
+                    log(f"{why}: saved step {step} to {ckpt.directory}; exiting")
+                    break
+            else:
+                ckpt.save(step, state, meta_of(consumed))
+        if pending is not None:
+            emit(ready(pending))
+        ckpt.close()
+    finally:
+        stop.restore()
+        writer.close()
+    if step == cfg.steps and stop.signum is None and cfg.log.sample_bytes and plan.train.byte_level:
+        from jaxmoe.train.sample import generate_text
+
+        model = nnx.merge(graphdef, state["params"], state["biases"], state["rest"])
+        text = generate_text(model, b"def ", cfg.log.sample_bytes, state["rng"])
+        log("sample (temperature 0.8, prompt 'def '):\n" + text)
+    return last

@@ -1,0 +1,87 @@
+"""jaxmoe-train's run config and command line: typed overrides, --help, and clear errors for
+bad configurations before anything is compiled."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxmoe.train import trainer
+from jaxmoe.train.config import TrainConfigError, get_run, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = parse_args(["--config", "tiny", "--steps", "50", "--workdir", "/tmp/x",
+                      "--optim.lr", "1e-3", "--data.batch-size", "32", "--ckpt.async_save", "false",
+                      "--model.overrides", "hidden_size=96,q_lora_rank=none"])
+    assert cfg.steps == 50 and cfg.workdir == "/tmp/x" and cfg.optim.lr == 1e-3
+    assert cfg.data.batch_size == 32 and cfg.ckpt.async_save is False
+    assert trainer.resolve_model_config(cfg).hidden_size == 96
+    assert trainer.resolve_model_config(cfg).q_lora_rank is None
+    assert parse_args(["--config", "tiny_debug"]).data.seq_len == 32
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--config", "nope"], "unknown run"),
+    (["--optim.learning_rate", "1"], "unknown flag"),
+    (["--steps", "ten"], "not a valid int"),
+    (["--ckpt.async_save", "maybe"], "expected true or false"),
+    (["--mesh.name", "fsdp_ep"], "unknown mesh preset"),
+    (["--data.batch_size", "10", "--data.grad_accum", "4"], "divisible by data.grad_accum"),
+    (["--data.source", "memmap"], "needs a file"),
+    (["--model.overrides", "hidden=3"], "no field 'hidden'"),
+])
+def test_bad_flags_name_the_problem(argv, match):
+    with pytest.raises(TrainConfigError, match=match):
+        parse_args(argv)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model.preset", "deepseek_v9"], "--model.preset.*unknown model preset"),
+    (["--mesh.data", "3"], "--mesh.data=3: mesh 'auto' must span all 8 devices"),
+    (["--data.batch_size", "12"], "--data.batch_size=12.*do not divide over 8 data shards"),
+    (["--data.batch_size", "16", "--data.grad_accum", "4"], "4 microbatch.*of 4 rows"),
+    (["--data.source", "memmap", "--data.path", "/nonexistent/tokens.bin"], "no such file"),
+    (["--model.init_from", "/nonexistent/ckpt"], "no such folder"),
+    (["--model.overrides", "n_group=3"], "--model.overrides.*n_routed_experts"),
+    (["--data.seq_len", "1024"], "max_position_embeddings"),
+])
+def test_bad_runs_fail_in_prepare_before_compiling(argv, match):
+    cfg = parse_args(["--config", "tiny-debug"] + argv)  # 8 CPU devices here (conftest)
+    with pytest.raises(TrainConfigError, match=match):
+        trainer.prepare(cfg)
+
+
+def test_cli_help_lists_flags_and_errors_exit_2(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "jaxmoe.train", "--config", "tiny", "--help"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--steps", "--workdir", "--model.preset", "--mesh.name", "--data.source",
+                 "--optim.lr", "--loss.bias_update_speed", "--ckpt.every", "--log.eval_every"):
+        assert flag in out.stdout
+    t = time.perf_counter()
+    bad = subprocess.run([sys.executable, "-m", "jaxmoe.train", "--config", "tiny",
+                          "--data.source", "jsonl", "--data.path", str(tmp_path / "missing.jsonl"),
+                          "--data.tokenizer", str(tmp_path / "tok.json"),
+                          "--workdir", str(tmp_path / "w")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert bad.returncode == 2, bad.stderr
+    assert "--data.path" in bad.stderr and "no such file" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert time.perf_counter() - t < 30  # failed before any compile
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_named_runs_validate():
+    for name in ("tiny", "tiny-debug", "bench-small", "v2-lite-finetune"):
+        cfg = get_run(name)
+        if cfg.data.source == "jsonl":
+            cfg = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "path": "x",
+                                                        "tokenizer": "y"}))
+        cfg.validate()
+        trainer.resolve_model_config(cfg)

@@ -1,0 +1,228 @@
+"""jaxmoe.train units: packing and masks, the data order, the sources, the optimizer, the MTP
+path with document masking, and the aux-loss-free bias update (in-process, 8 CPU devices)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jaxmoe
+from jaxmoe.train import data as D
+from jaxmoe.train.config import DataSection, OptimSection, apply_overrides, get_run
+from jaxmoe.train.optim import decays, make_optimizer, schedule
+from jaxmoe.train.step import bias_update, doc_mask, mtp_forward, target_mask
+
+
+def host_model(cfg, seed=0):
+    """A DeepseekV3 with the trainer's numpy init: no init program to compile."""
+    from jaxmoe.train.trainer import host_init
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: jaxmoe.DeepseekV3(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, host_init(state, cfg, seed))
+
+
+def corpus_of(docs, vocab=50):
+    return D._from_docs([np.asarray(d, np.int32) for d in docs], vocab, "t", np.int32)
+
+
+def test_pack_rows_segments_positions_masks():
+    c = corpus_of([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]])
+    b = D.pack_rows(c, np.array([0, 1]), seq_len=4)  # rows: stream[0:5], stream[4:9]
+    np.testing.assert_array_equal(b["tokens"], [[1, 2, 3, 4, 5], [5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(b["segments"], [[1, 1, 1, 2, 2], [1, 2, 2, 2, 2]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+    # target i+1 counts only inside token i's document
+    np.testing.assert_array_equal(target_mask(jnp.asarray(b["segments"])),
+                                  [[1, 1, 0, 1], [0, 1, 1, 1]])
+    np.testing.assert_array_equal(target_mask(jnp.asarray(b["segments"]), 1), [[1, 0, 0], [0, 1, 1]])
+    m = np.asarray(doc_mask(jnp.asarray(b["segments"][:, :-1]), None))[:, 0]
+    want0 = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(m[0], want0)
+    assert not m[1][1:, 0].any() and m[1][3, 1:].all()
+
+
+def test_sampler_is_deterministic_and_resumable():
+    s = D.Sampler(10, seed=3)
+    whole = s.rows(0, 25)
+    parts = np.concatenate([D.Sampler(10, 3).rows(0, 7), D.Sampler(10, 3).rows(7, 18)])
+    np.testing.assert_array_equal(whole, parts)
+    for e in range(2):  # every epoch is a permutation
+        assert sorted(whole[10 * e:10 * e + 10]) == list(range(10))
+    assert not np.array_equal(whole[:10], whole[10:20])
+    assert not np.array_equal(whole[:10], D.Sampler(10, 4).rows(0, 10))
+
+
+def test_global_batch_is_the_host_batch_on_every_shard():
+    c = corpus_of([list(range(1, 40)), list(range(1, 30))])
+    loader = D.Loader(c, seq_len=5, batch_size=16, grad_accum=2, seed=0)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    g = loader.global_batch(24, NamedSharding(mesh, P(None, "data")))
+    h = loader.host_batch(24)
+    for k in h:
+        assert g[k].shape == (2, 8, 6)
+        np.testing.assert_array_equal(np.asarray(g[k]), h[k])
+
+
+def test_stdlib_corpus_is_bytes_with_held_out_files():
+    train, ev = D.stdlib_corpora(0.05, max_bytes=300_000)
+    assert train.byte_level and train.vocab == 256 and train.tokens.dtype == np.uint8
+    assert 0 < len(train.tokens) <= 300_000 and len(ev.tokens) > 0
+    assert train.doc_starts[0] == 0 and np.all(np.diff(train.doc_starts) > 0)
+    assert D.stdlib_corpora(0.05, max_bytes=300_000)[0].fingerprint == train.fingerprint
+
+
+def test_memmap_sources_split_documents_at_eos(tmp_path):
+    toks = np.array([5, 6, 0, 7, 8, 9, 0, 3, 4, 4, 0, 2], np.uint16)
+    toks.tofile(tmp_path / "a.bin")
+    np.save(tmp_path / "a.npy", toks.astype(np.int32))
+    for name in ("a.bin", "a.npy"):
+        d = DataSection(source="memmap", path=str(tmp_path / name), eos_id=0, eval_fraction=0.25,
+                        seq_len=3)
+        train, ev = D.load_corpora(d, model_vocab=16)
+        np.testing.assert_array_equal(train.tokens, toks[:9])
+        np.testing.assert_array_equal(train.doc_starts, [0, 3, 7])
+        assert len(ev.tokens) == 3
+    with pytest.raises(D.TrainConfigError, match="token id 12"):
+        D.pack_rows(D.memmap_corpus(np.array([1, 12, 3, 4]), -1, "x", 10), np.array([0]), 3)
+
+
+def test_jsonl_source_with_a_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = [f"document number {i} says hello world {i % 3}" for i in range(40)]
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>"]))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    d = DataSection(source="jsonl", path=str(tmp_path / "d.jsonl"),
+                    tokenizer=str(tmp_path / "tokenizer.json"), eval_fraction=0.2, seq_len=8)
+    train, ev = D.load_corpora(d, model_vocab=64)
+    eos = tk.token_to_id("</s>")
+    assert len(ev.doc_starts) + len(train.doc_starts) == 40 and len(ev.doc_starts) > 0
+    ends = np.flatnonzero(train.tokens == eos) + 1  # every document ends with </s>
+    np.testing.assert_array_equal(train.doc_starts[1:], ends[:-1])
+    first = tk.encode(texts[0], add_special_tokens=False).ids
+    np.testing.assert_array_equal(train.tokens[:len(first)], first)
+
+
+def test_weight_decay_mask_and_schedules():
+    model = nnx.eval_shape(lambda: jaxmoe.DeepseekV3(jaxmoe.tiny(num_hidden_layers=2),
+                                                     rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    flat = {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p): decays(p)
+            for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert not flat["final_norm.scale.value"] and not flat["moe_layers.attn.kv_norm.scale.value"]
+    assert flat["moe_layers.ffn.w_gate_EDF.value"] and flat["embed_VD.value"]
+    assert flat["moe_layers.ffn.router.w_DE.value"]
+    o = OptimSection(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    cos = schedule(o, 100)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0)
+    assert float(cos(100)) == pytest.approx(0.1)
+    st = schedule(OptimSection(lr=1.0, warmup_steps=10, schedule="staged"), 1000)
+    lrs = [float(st(s)) for s in (5, 100, 600, 900, 970, 995)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == lrs[2] == 1.0
+    assert 0.1 < lrs[3] < 1.0 and lrs[4] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(7.3e-6 / 2.2e-4)
+    tx, _ = make_optimizer(o, 100)
+    jax.eval_shape(tx.init, params)  # the mask fits the nnx.State tree
+
+
+def test_mtp_forward_with_causal_mask_is_the_models_mtp():
+    cfg = jaxmoe.tiny(num_hidden_layers=2, moe_impl="dense")
+    graphdef, state = nnx.split(host_model(cfg, 1))
+    tok = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
+    pos = jnp.broadcast_to(jnp.arange(12), tok.shape)
+    seg2 = jnp.where(jnp.arange(12) < 6, 1, 2)[None].repeat(2, 0)
+
+    @jax.jit
+    def run(state):
+        model = nnx.merge(graphdef, state)
+        out = model.forward(tok, with_mtp=True)
+        ours = mtp_forward(model, out.hidden, tok, pos, doc_mask(jnp.ones_like(tok), pos))
+        split = mtp_forward(model, out.hidden, tok, pos, doc_mask(seg2, pos))[0]
+        return out, ours, split
+
+    out, (lg, aux), lg2 = run(state)
+    np.testing.assert_allclose(lg[0], out.mtp_logits[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(aux[0]["counts"], out.mtp_aux[0]["counts"])
+    # a document boundary changes only the rows after it
+    np.testing.assert_allclose(lg2[0][:, :6], lg[0][:, :6], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(lg2[0][:, 6:], lg[0][:, 6:])
+
+
+def test_bias_update_sign_step_recentred_and_gamma_zero():
+    biases = nnx.State({"moe_layers": {"ffn": {"router": {"bias_E": jaxmoe.layers.params.RouterBias(
+        jnp.zeros((2, 4)))}}}})
+    counts = {("moe_layers", "ffn", "router", "bias_E"): jnp.array([[10., 2, 2, 2], [4, 4, 4, 4]])}
+    out = bias_update(biases, counts, 0.1)
+    b = np.asarray(out["moe_layers"]["ffn"]["router"]["bias_E"].get_value())
+    # overloaded expert 0 down by gamma, the others up; recentred to mean 0; balanced row 0
+    np.testing.assert_allclose(b[0], np.array([-0.1, 0.1, 0.1, 0.1]) - 0.05, atol=1e-7)
+    np.testing.assert_allclose(b[1], 0.0)
+    same = bias_update(biases, counts, 0.0)
+    np.testing.assert_array_equal(same["moe_layers"]["ffn"]["router"]["bias_E"].get_value(), 0.0)
+
+
+def test_bias_update_reduces_load_imbalance_of_a_skewed_router():
+    """Routers pushed towards experts 0 and 1: the jitted train step's bias update (gamma 0.05,
+    global counts over the 8-device batch) spreads the load; the expert weights stay fixed
+    (lr 0) so only the bias acts. gamma 0 leaves the bias alone (use_bias off)."""
+    from jaxmoe.train import trainer
+    from jaxmoe.train.step import StepFns
+
+    cfg = apply_overrides(get_run("tiny-debug"), [
+        ("loss.mtp_weight", "0"), ("loss.bias_update_speed", "0.05"), ("optim.lr", "1e-12"),
+        ("optim.warmup_steps", "0"), ("data.batch_size", "16")]).validate()
+    plan = trainer.prepare(cfg)
+    rep = NamedSharding(plan.mesh, P())
+    tx, lr = make_optimizer(cfg.optim, cfg.steps)
+    graphdef, state = trainer.init_state(plan, tx, rep)
+    skew = jnp.array([0.3, 0.3, 0, 0, 0, 0, 0, 0]) - 0.075
+    b = state["biases"]["moe_layers"]["ffn"]["router"]["bias_E"]
+    b.set_value(jax.device_put(jnp.broadcast_to(skew, b.get_value().shape), rep))
+    fns = StepFns(graphdef, plan.mcfg, cfg.loss, tx, lr, cfg.steps)
+    assert not StepFns(graphdef, plan.mcfg, cfg.loss.__class__(bias_update_speed=0.0), tx, lr,
+                       cfg.steps).use_bias
+    step = jax.jit(fns.train_step)
+    loader = D.Loader(plan.train, cfg.data.seq_len, 16, 1, 0)
+    batch = loader.global_batch(0, NamedSharding(plan.mesh, P(None, "data")))
+    imb = []
+    for _ in range(8):
+        state, m = step(state, batch)  # the same batch: only the bias changes the routing
+        imb.append(float(m["load_max_over_mean"][0]))
+    assert imb[0] > 2.5, imb  # experts 0/1 take most of the load
+    assert imb[-1] < 0.75 * imb[0] and imb[-1] <= min(imb[:3]), imb
+    bias = np.asarray(state["biases"]["moe_layers"]["ffn"]["router"]["bias_E"].get_value())
+    assert abs(bias.mean()) < 1e-6 and bias[0, 0] < skew[0] - 0.1
+
+
+def test_init_from_a_converted_checkpoint(tmp_path):
+    """--model.init_from: the trainer's initial state holds the checkpoint's parameters and
+    router biases; its architecture comes from the checkpoint, overrides on top."""
+    from jaxmoe import orbax_io
+    from jaxmoe.train import trainer
+
+    cfg = jaxmoe.tiny(num_hidden_layers=2)
+    model = host_model(cfg, seed=7)
+    b = model.moe_layers.ffn.router.bias_E
+    b.set_value(b.get_value() + jnp.arange(8.0) / 100)
+    orbax_io.save_model(model, tmp_path / "ckpt")
+    run = apply_overrides(get_run("tiny-debug"), [
+        ("model.init_from", str(tmp_path / "ckpt")), ("model.overrides", "moe_impl=dense")])
+    plan = trainer.prepare(run.validate())
+    assert plan.mcfg.num_hidden_layers == 2 and plan.mcfg.moe_impl == "dense"
+    tx, _ = make_optimizer(run.optim, run.steps)
+    _, state = trainer.init_state(plan, tx, NamedSharding(plan.mesh, P()))
+    want = nnx.state(model)
+    np.testing.assert_array_equal(state["params"]["moe_layers"]["ffn"]["w_up_EDF"].get_value(),
+                                  want["moe_layers"]["ffn"]["w_up_EDF"].get_value())
+    np.testing.assert_array_equal(state["biases"]["moe_layers"]["ffn"]["router"]["bias_E"].get_value(),
+                                  b.get_value())
+    assert int(state["step"]) == 0
