@@ -87,8 +87,12 @@ class DeepseekV3(nnx.Module):
         return logits, auxes
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("BTD,DV->BTV", hidden, compute(self.lm_head_DV[...], self.cfg),
-                          preferred_element_type=jnp.float32)
+        B, T, D = hidden.shape
+        # 2-D matmul for a transpose-free weight gradient (see layers/mlp.py)
+        logits = jnp.einsum("MD,DV->MV", hidden.reshape(B * T, D),
+                            compute(self.lm_head_DV[...], self.cfg),
+                            preferred_element_type=jnp.float32)
+        return logits.reshape(B, T, -1)  # [B, T, V]
 
     # ------------------------------------------------------------------- absorbed-cache decode
     def init_cache(self, batch: int, max_len: int, dtype=None) -> DecodeCache:

@@ -23,6 +23,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        g = jnp.einsum("...D,DF->...F", x, compute(self.w_gate_DF[...], cfg))
-        u = jnp.einsum("...D,DF->...F", x, compute(self.w_up_DF[...], cfg))
-        return jnp.einsum("...F,FD->...D", jax.nn.silu(g) * u, compute(self.w_down_FD[...], cfg))
+        # 2-D matmuls: with [B, T, D] operands XLA:CPU transposes the activation gradients
+        # before every weight-gradient dot (measured ~25% of the backward).
+        xm = x.reshape(-1, x.shape[-1])  # [M, D]
+        g = jnp.einsum("MD,DF->MF", xm, compute(self.w_gate_DF[...], cfg))
+        u = jnp.einsum("MD,DF->MF", xm, compute(self.w_up_DF[...], cfg))
+        y = jnp.einsum("MF,FD->MD", jax.nn.silu(g) * u, compute(self.w_down_FD[...], cfg))
+        return y.reshape(x.shape)  # [..., D]
