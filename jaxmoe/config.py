@@ -46,7 +46,7 @@ OFFICIAL_NAMES: dict[str, str] = {
 
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_IMPLS = ("auto", "segment", "ragged_dot", "dense")
+MOE_IMPLS = ("auto", "segment", "ragged_dot", "dense", "pallas")
 
 
 class ConfigError(ValueError):
@@ -104,8 +104,11 @@ class ModelConfig:
     # Dtype policy
     param_dtype: str = "float32"
     dtype: str = "float32"
-    # Runtime: the routed-expert dispatch ("auto" picks per backend; see layers/dispatch.py)
+    # Runtime: the routed-expert dispatch ("auto" picks per backend; see layers/dispatch.py), and the
+    # optional expert capacity (None = dropless; else each expert keeps its first
+    # ceil(factor * tokens * K / E) (token, expert) pairs and the MoE aux reports the dropped count)
     moe_impl: str = "auto"
+    moe_capacity_factor: float | None = None
 
     def __post_init__(self):
         self.validate()
@@ -132,6 +135,8 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
         need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
+        need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
+             "must be None (dropless) or positive")
         if self.has_moe:
             need(self.n_routed_experts > 0, "n_routed_experts", "MoE layers need experts")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")

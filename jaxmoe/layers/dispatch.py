@@ -1,33 +1,63 @@
-"""Dropless expert dispatch in plain jnp: permute (token, expert) pairs by expert, run each
-expert's SwiGLU on its contiguous rows, combine back with the routing weights.
+"""Dropless expert dispatch: permute (token, expert) pairs by expert, run each expert's SwiGLU on
+its contiguous rows, combine back with the routing weights.
 
-Implementations (all exact, all dropless), chosen by `ModelConfig.moe_impl`:
-- "segment": rows padded per expert to a multiple of a tile, a loop over tiles multiplies each
-  tile by its own expert's weights (custom VJP: the weight gradient accumulates in place). Costs
-  the routed FLOPs plus at most one partial tile per expert. The fast path on CPU.
-- "ragged_dot": `jax.lax.ragged_dot` on the sorted rows. Native grouped matmul on TPU/GPU, but on
-  XLA:CPU it lowers to a dense masked contraction costing E x the routed FLOPs.
-- "dense": every expert on every token, masked. E x the FLOPs; a reference for tests.
+Implementations (all give the same results), chosen by `ModelConfig.moe_impl`:
+- "segment": the fast CPU path (`jaxmoe.kernels.segment`): a loop of one GEMM triple per expert on rows
+  gathered straight from x, chunk sizes bucketed to cut padding, a custom VJP. Costs the routed FLOPs
+  plus < one bucket step of rows per expert.
+- "pallas": the Pallas kernels (`jaxmoe.kernels`): permute (row gather), grouped matmul (Triton on GPU,
+  megablox on TPU), weighted combine; each with its own custom VJP. Interpret mode on the CPU.
+- "ragged_dot": `jax.lax.ragged_dot` on the sorted rows. Native grouped matmul on TPU, but on XLA:CPU a
+  dense masked contraction costing E x the routed FLOPs (and reported dense on GPU).
+- "dense": every expert on every token, masked. E x the FLOPs; the plain reference for tests.
+Defaults ("auto"): segment on CPU, pallas on GPU, ragged_dot on TPU.
+
+Capacity mode (`ModelConfig.moe_capacity_factor`): `capacity_keep` keeps, per expert, the first
+ceil(factor * M*K / E) pairs in token order and drops the rest (their weight is zeroed and the segment
+and pallas paths skip their rows); the count of dropped pairs goes into the MoE aux dict.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("segment", "ragged_dot", "dense")
+from jaxmoe import kernels
+from jaxmoe.kernels import segment
+from jaxmoe.kernels.gmm import ops as gmm_ops
+from jaxmoe.kernels.permute import ops as permute_ops
+
+IMPLS = ("segment", "ragged_dot", "dense", "pallas")
+# GPU stays on ragged_dot until bench/gpu_check.sh has run the Pallas kernels on hardware (they
+# lower for CUDA in tests, but have not been compiled on a device yet).
+DEFAULT_IMPL = {"cpu": "segment", "gpu": "ragged_dot", "tpu": "ragged_dot"}
 
 
 def default_impl() -> str:
-    return "segment" if jax.default_backend() == "cpu" else "ragged_dot"
+    return DEFAULT_IMPL.get(jax.default_backend(), "ragged_dot")
+
+
+def capacity_keep(experts: jax.Array, num_experts: int, capacity_factor: float
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(keep [M, K] bool, dropped pairs int32): each expert keeps its first ceil(factor * M*K / E) pairs,
+    earlier tokens first (then lower k)."""
+    M, K = experts.shape
+    cap = int(np.ceil(capacity_factor * M * K / num_experts))
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts)
+    rank_sorted = jnp.arange(M * K) - (jnp.cumsum(sizes) - sizes)[flat[order]]
+    keep = jnp.zeros((M * K,), bool).at[order].set(rank_sorted < cap).reshape(M, K)
+    return keep, (M * K - keep.sum()).astype(jnp.int32)
 
 
 class Layout(NamedTuple):
-    """Where each (token, k) pair lives in the expert-sorted, tile-padded buffer."""
+    """Where each (token, k) pair lives in the expert-sorted, tile-padded buffer (a fixed-tile layout,
+    kept for tests and benchmarks; the Pallas path uses `kernels.permute.make_plan(align=tile)`)."""
 
     dest: jax.Array         # [M*K] padded row of flat pair r = m*K + k
     tile_expert: jax.Array  # [n_tiles] expert of each tile
@@ -52,82 +82,6 @@ def tile_layout(experts: jax.Array, num_experts: int, tile: int) -> Layout:
                   pend[-1] // tile, sizes)
 
 
-def _tiles(x, tile):
-    return x.reshape(x.shape[0] // tile, tile, x.shape[-1])  # [n_tiles, tile, ·]
-
-
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def segment_swiglu(xp: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                   layout: Layout, tile: int) -> jax.Array:
-    """Per tile t of expert e: silu(x_t Wg[e]) * (x_t Wu[e]) Wd[e].
-
-    xp [n_tiles*tile, D] in the padded layout, w_gate/w_up [E, D, F], w_down [E, F, D]
-    -> [n_tiles*tile, D]. Tiles past `layout.n_used` hold only padding and are skipped.
-    """
-    return _swiglu_fwd_loop(xp, w_gate, w_up, w_down, layout, tile)
-
-
-def _swiglu_fwd_loop(xp, wg, wu, wd, layout, tile):
-    D = wd.shape[-1]
-
-    def body(_, inp):
-        t, e, xt = inp
-
-        def run():
-            h = jax.nn.silu(_dot(xt, wg[e])) * _dot(xt, wu[e])
-            return _dot(h.astype(xt.dtype), wd[e]).astype(xt.dtype)
-
-        return None, jax.lax.cond(t < layout.n_used, run, lambda: jnp.zeros((tile, D), xt.dtype))
-
-    n_tiles = layout.tile_expert.shape[0]
-    _, y = jax.lax.scan(body, None, (jnp.arange(n_tiles), layout.tile_expert, _tiles(xp, tile)))
-    return y.reshape(n_tiles * tile, D)  # [n_tiles*tile, D]
-
-
-def _swiglu_fwd(xp, wg, wu, wd, layout, tile):
-    return _swiglu_fwd_loop(xp, wg, wu, wd, layout, tile), (xp, wg, wu, wd, layout)
-
-
-def _swiglu_bwd(tile, res, dy):
-    """Recomputes the tile's activations; weight gradients accumulate in place per expert."""
-    xp, wg, wu, wd, layout = res
-
-    def body(acc, inp):
-        t, e, xt, dyt = inp
-
-        def run():
-            dwg, dwu, dwd = acc
-            g, u = _dot(xt, wg[e]), _dot(xt, wu[e])  # [tile, F] f32
-            sg = jax.nn.silu(g)
-            h = (sg * u).astype(xt.dtype)
-            dh = _dot(dyt, wd[e].T)
-            du = dh * sg
-            dg = dh * u * jax.nn.sigmoid(g) * (1 + g * (1 - jax.nn.sigmoid(g)))
-            dg, du = dg.astype(xt.dtype), du.astype(xt.dtype)
-            dxt = _dot(dg, wg[e].T) + _dot(du, wu[e].T)
-            upd = lambda a, d: jax.lax.dynamic_update_index_in_dim(a, a[e] + d, e, 0)
-            return ((upd(dwg, _dot(xt.T, dg)), upd(dwu, _dot(xt.T, du)),
-                     upd(dwd, _dot(h.T, dyt))), dxt.astype(xt.dtype))
-
-        return jax.lax.cond(t < layout.n_used, run, lambda: (acc, jnp.zeros_like(xt)))
-
-    n_tiles = layout.tile_expert.shape[0]
-    acc0 = tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg, wu, wd))
-    (dwg, dwu, dwd), dx = jax.lax.scan(
-        body, acc0, (jnp.arange(n_tiles), layout.tile_expert, _tiles(xp, tile), _tiles(dy, tile)))
-    # Integer layout arrays take float0 cotangents.
-    d_layout = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
-    return (dx.reshape(xp.shape), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype),
-            d_layout)
-
-
-segment_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 def _swiglu(gu: jax.Array) -> jax.Array:
     g, u = jnp.split(gu, 2, axis=-1)
     return jax.nn.silu(g) * u
@@ -139,34 +93,68 @@ def combine(y_pairs: jax.Array, weights: jax.Array, out_dtype) -> jax.Array:
 
 
 def experts_swiglu(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array, impl: str, tile: int = 64) -> jax.Array:
-    """Routed experts. x [M, D], weights/experts [M, K], w_gate/w_up [E, D, F], w_down [E, F, D]."""
+                   w_up: jax.Array, w_down: jax.Array, impl: str, tile: int | None = None,
+                   keep: jax.Array | None = None) -> jax.Array:
+    """Routed experts. x [M, D], weights/experts [M, K], w_gate/w_up [E, D, F], w_down [E, F, D].
+
+    tile: "segment": the largest row chunk (default from the mean rows per expert); "pallas": the row
+    tile of the grouped matmul. keep [M, K] bool: pairs to compute (capacity mode); None = all.
+    """
     M, K = experts.shape
     E = w_gate.shape[0]
+    if impl not in IMPLS:
+        raise ValueError(f"unknown moe_impl {impl!r}; expected one of {IMPLS}")
+    if impl == "segment":
+        return segment.experts_swiglu(x, weights, experts, w_gate, w_up, w_down, cap=tile, keep=keep)
+    if impl == "pallas":
+        return _pallas_experts(x, weights, experts, w_gate, w_up, w_down, tile, keep)
+    if keep is not None:
+        weights = jnp.where(keep, weights, 0)
     if impl == "dense":
         w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
         h = _swiglu(jnp.einsum("MD,EDZ->MEZ", x, w_gu))
         y = jnp.einsum("MEF,EFD->MED", h, w_down)  # [M, E, D]
         return combine(jnp.take_along_axis(y, experts[:, :, None], axis=1), weights, x.dtype)
-    if impl == "ragged_dot":
-        w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        xs = x[order // K]  # [M*K, D] expert-sorted rows
-        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-        h = _swiglu(jax.lax.ragged_dot(xs, w_gu, sizes))
-        ys = jax.lax.ragged_dot(h, w_down, sizes)  # [M*K, D]
-        y = jnp.zeros_like(ys).at[order].set(ys)  # back to pair order
-        return combine(y.reshape(M, K, -1), weights, x.dtype)
-    if impl == "segment":
-        tile = max(1, min(tile, pl_next_pow2(-(-M * K // E))))
-        lay = tile_layout(experts, E, tile)
-        n_rows = lay.tile_expert.shape[0] * tile
-        src = jnp.arange(M * K) // K  # token of each flat pair
-        xp = jnp.zeros((n_rows, x.shape[-1]), x.dtype).at[lay.dest].set(x[src])
-        yp = segment_swiglu(xp, w_gate, w_up, w_down, lay, tile)  # [n_rows, D]
-        return combine(yp[lay.dest].reshape(M, K, -1), weights, x.dtype)
-    raise ValueError(f"unknown moe_impl {impl!r}; expected one of {IMPLS}")
+    w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    xs = x[order // K]  # [M*K, D] expert-sorted rows
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = _swiglu(jax.lax.ragged_dot(xs, w_gu, sizes))
+    ys = jax.lax.ragged_dot(h, w_down, sizes)  # [M*K, D]
+    y = jnp.zeros_like(ys).at[order].set(ys)  # back to pair order
+    return combine(y.reshape(M, K, -1), weights, x.dtype)
+
+
+def _pallas_experts(x, weights, experts, w_gate, w_up, w_down, tile, keep, *, platform=None, interpret=None):
+    """permute (Pallas row gather) -> 3 grouped matmuls -> weighted combine (Pallas), each with a VJP.
+    platform/interpret: see `kernels.resolve` (default: the backend's lowering; interpret on the CPU)."""
+    M, K = experts.shape
+    E = w_gate.shape[0]
+    platform, interpret = kernels.resolve(platform, interpret)
+    block = gmm_ops.BlockSizes.get_default(platform)
+    block = dataclasses.replace(block, bm=tile or pallas_row_tile(M * K, E, platform, interpret))
+    plan = permute_ops.make_plan(experts, E, align=block.bm if platform == "gpu" else 1, row_multiple=block.bm,
+                                 keep=keep)
+    kw = dict(platform=platform, interpret=interpret)
+    xs = permute_ops.permute(x, plan, **kw)  # [R, D]
+    g = gmm_ops.gmm(xs, w_gate, plan.group_rows, block=block, out_dtype=jnp.float32, **kw)
+    u = gmm_ops.gmm(xs, w_up, plan.group_rows, block=block, out_dtype=jnp.float32, **kw)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    ys = gmm_ops.gmm(h, w_down, plan.group_rows, block=block, **kw)  # [R, D]
+    w = weights if keep is None else jnp.where(keep, weights, 0)
+    return permute_ops.combine(ys, w.astype(jnp.float32), plan, **kw).astype(x.dtype)
+
+
+def pallas_row_tile(num_pairs: int, num_experts: int, platform: str = "gpu", interpret: bool = False) -> int:
+    """Row tile of the Pallas grouped matmul. GPU: each expert pads to a multiple of it (half a tile on
+    average), so keep it near a quarter of the mean rows per expert, within Triton's [16, 64] (down to 8
+    when interpreting); TPU: megablox's m tile (no per-expert padding)."""
+    block = gmm_ops.BlockSizes.get_default(platform)
+    if platform != "gpu":
+        return block.bm
+    quarter = pl_next_pow2(-(-num_pairs // num_experts) // 4 + 1) // 2
+    return max(8 if interpret else 16, min(block.bm, quarter))
 
 
 def pl_next_pow2(n: int) -> int:

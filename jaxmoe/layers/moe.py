@@ -31,26 +31,33 @@ class MoE(nnx.Module):
         B, T, D = x.shape
         xm = x.reshape(B * T, D)  # [M, D]
         r = self.router(xm)
+        keep = dropped = None
+        if cfg.moe_capacity_factor is not None:
+            keep, dropped = dispatch.capacity_keep(r.experts, cfg.n_routed_experts, cfg.moe_capacity_factor)
         y = dispatch.experts_swiglu(
             xm, r.weights, r.experts, compute(self.w_gate_EDF[...], cfg),
             compute(self.w_up_EDF[...], cfg), compute(self.w_down_EFD[...], cfg),
-            impl=resolve_impl(cfg.moe_impl))
+            impl=resolve_impl(cfg.moe_impl), keep=keep)
         y = y.reshape(B, T, D)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y, routing_stats(r, B, T, cfg)
+        return y, routing_stats(r, B, T, cfg, dropped)
 
 
 def resolve_impl(impl: str) -> str:
     return dispatch.default_impl() if impl == "auto" else impl
 
 
-def routing_stats(r: Routing, B: int, T: int, cfg: ModelConfig) -> dict:
+def routing_stats(r: Routing, B: int, T: int, cfg: ModelConfig, dropped: jax.Array | None = None) -> dict:
     """Per-layer expert counts [E] and the sequence-wise balance term sum_i f_i P_i (spec §11),
-    averaged over the batch; the trainer multiplies it by alpha."""
+    averaged over the batch; the trainer multiplies it by alpha. With a capacity factor also
+    "dropped": the (token, expert) pairs over capacity (int32); counts are the routed choices."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     chosen = jax.nn.one_hot(r.experts, E, dtype=jnp.float32).sum(1).reshape(B, T, E)
     f = chosen.sum(1) * (E / (K * T))  # [B, E]
     s = r.scores.reshape(B, T, E)
     p = (s / s.sum(-1, keepdims=True)).mean(1)  # [B, E]
-    return {"counts": chosen.sum((0, 1)), "seq_balance": (f * p).sum(-1).mean()}
+    stats = {"counts": chosen.sum((0, 1)), "seq_balance": (f * p).sum(-1).mean()}
+    if dropped is not None:
+        stats["dropped"] = dropped
+    return stats

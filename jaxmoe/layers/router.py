@@ -26,8 +26,15 @@ class Routing(NamedTuple):
 
 
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
-    """Pure routing math on router logits [M, E] (float32)."""
+    """Pure routing math on router logits [M, E] (float32).
+
+    With `moe_impl="pallas"` the fused Pallas router kernel computes the same result.
+    """
     logits = logits.astype(jnp.float32)
+    if cfg.moe_impl == "pallas":
+        from jaxmoe.kernels.router import ops, reference
+
+        return Routing(*ops.route(logits, bias, reference.RouterSpec.from_config(cfg)))
     if cfg.scoring_func == "sigmoid":
         scores = jax.nn.sigmoid(logits)
     else:
