@@ -48,6 +48,9 @@ import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _sections  # noqa: E402
+
 MARK_BEGIN = "<!-- bench_model:begin -->"
 MARK_END = "<!-- bench_model:end -->"
 MM_N = 2048
@@ -362,7 +365,6 @@ def profile_layers(kw, folder, B, T, impls, repeats, log) -> list:
     from jaxmoe.layers.rope import rope_angles
     D, V = kw["hidden_size"], kw["vocab_size"]
     M = B * T
-    fl = model_flops(kw, T)
     N, J, G = kw["num_attention_heads"], kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"], kw["v_head_dim"]
     Q, C, R = kw["q_lora_rank"], kw["kv_lora_rank"], kw["qk_rope_head_dim"]
     attn_fl = 2 * M * (D * Q + Q * N * J + D * (C + R) + C * N * (kw["qk_nope_head_dim"] + G) + N * G * D) \
@@ -809,14 +811,7 @@ def render(res: dict) -> str:
 
 
 def write_section(path: str, text: str) -> None:
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if MARK_BEGIN in old and MARK_END in old:
-        a, b = old.index(MARK_BEGIN), old.index(MARK_END) + len(MARK_END)
-        new = old[:a] + text + old[b:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    _sections.write_section(path, text, MARK_BEGIN, MARK_END)
 
 
 # ----------------------------------------------------------------------------------- main

@@ -30,6 +30,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _sections  # noqa: E402
+
 MARK_BEGIN, MARK_END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
 MM_N = 2048
 
@@ -221,14 +224,7 @@ def render(res: dict) -> str:
 
 
 def write_section(path: str, text: str) -> None:
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if MARK_BEGIN in old and MARK_END in old:
-        a, b = old.index(MARK_BEGIN), old.index(MARK_END) + len(MARK_END)
-        new = old[:a] + text + old[b:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    _sections.write_section(path, text, MARK_BEGIN, MARK_END)
 
 
 def main(argv=None) -> int:

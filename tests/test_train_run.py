@@ -2,7 +2,6 @@
 saves and exits 0; kill -9 + resume continues bitwise like an uninterrupted run; a 2-process
 jax.distributed (gloo) run computes the same router-bias update as one process."""
 
-import json
 import os
 import signal
 import socket
@@ -12,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from jaxmoe.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny-debug (2 layers, 8 x 32 rows; MTP off: its path has unit tests and doubles the compile)
@@ -48,16 +48,7 @@ def run(workdir, cache, *extra, devices=2, timeout=300):
 
 def metrics(workdir) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    return read_metrics(path) if os.path.exists(path) else []
 
 
 def start(workdir, cache, *extra, devices=2):
