@@ -49,7 +49,7 @@ import warnings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _sections  # noqa: E402
+import _common  # noqa: E402
 
 MARK_BEGIN = "<!-- bench_model:begin -->"
 MARK_END = "<!-- bench_model:end -->"
@@ -153,14 +153,7 @@ def model_flops(kw: dict, T: int) -> dict:
 
 # ------------------------------------------------------------------------------- environment
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    return _common.cpu_model()
 
 
 def cpu_flags() -> str:
@@ -811,7 +804,7 @@ def render(res: dict) -> str:
 
 
 def write_section(path: str, text: str) -> None:
-    _sections.write_section(path, text, MARK_BEGIN, MARK_END)
+    _common.write_section(path, text, MARK_BEGIN, MARK_END)
 
 
 # ----------------------------------------------------------------------------------- main

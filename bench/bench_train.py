@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,21 +30,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _sections  # noqa: E402
+import _common  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
 MM_N = 2048
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    return _common.cpu_model()
 
 
 class Case:
@@ -224,7 +216,7 @@ def render(res: dict) -> str:
 
 
 def write_section(path: str, text: str) -> None:
-    _sections.write_section(path, text, MARK_BEGIN, MARK_END)
+    _common.write_section(path, text, MARK_BEGIN, MARK_END)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,8 @@ from flax import nnx
 
 from jaxmoe import axes
 from jaxmoe.config import ModelConfig
+from jaxmoe.kernels.router import ops as router_ops
+from jaxmoe.kernels.router import reference as router_ref
 from jaxmoe.layers.params import RouterBias, param
 
 
@@ -28,33 +30,12 @@ class Routing(NamedTuple):
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
     """Pure routing math on router logits [M, E] (float32).
 
-    With `moe_impl="pallas"` the fused Pallas router kernel computes the same result.
+    The math lives once, in the router kernel's plain-jnp reference; `moe_impl="pallas"` runs
+    the fused Pallas kernel instead, which computes the same result.
     """
-    logits = logits.astype(jnp.float32)
-    if cfg.moe_impl == "pallas":
-        from jaxmoe.kernels.router import ops, reference
-
-        return Routing(*ops.route(logits, bias, reference.RouterSpec.from_config(cfg)))
-    if cfg.scoring_func == "sigmoid":
-        scores = jax.nn.sigmoid(logits)
-    else:
-        scores = jax.nn.softmax(logits, axis=-1)
-    sel = scores if bias is None else scores + bias.astype(jnp.float32)
-    G, M, E = cfg.routing_groups, logits.shape[0], logits.shape[-1]
-    if G > 1:
-        grouped = sel.reshape(M, G, E // G)  # [M, G, E/G]: experts are contiguous per group
-        if cfg.topk_method == "noaux_tc":
-            group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [M, G]
-        else:
-            group_score = grouped.max(-1)
-        _, keep = jax.lax.top_k(group_score, cfg.routing_topk_group)  # [M, topk_group]
-        keep_mask = jnp.zeros((M, G), bool).at[jnp.arange(M)[:, None], keep].set(True)
-        sel = jnp.where(keep_mask[:, :, None], grouped, -jnp.inf).reshape(M, E)
-    _, experts = jax.lax.top_k(sel, cfg.num_experts_per_tok)
-    weights = jnp.take_along_axis(scores, experts, axis=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return Routing(weights * cfg.routed_scaling_factor, experts.astype(jnp.int32), scores)
+    spec = router_ref.RouterSpec.from_config(cfg)
+    fn = router_ops.route if cfg.moe_impl == "pallas" else router_ref.route
+    return Routing(*fn(logits.astype(jnp.float32), bias, spec))
 
 
 class Router(nnx.Module):

@@ -1,4 +1,4 @@
-"""Plain-jnp reference of the fused router (the same math as `jaxmoe.layers.router.route`)."""
+"""Plain-jnp router: the one implementation of the routing math (`jaxmoe.layers.router.route` calls it)."""
 
 from __future__ import annotations
 

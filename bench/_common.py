@@ -1,8 +1,9 @@
-"""Replace (or append) one marked section of BENCHMARKS.md, leaving the others untouched."""
+"""Shared by the bench scripts: the BENCHMARKS.md section writer and the CPU description."""
 
 from __future__ import annotations
 
 import os
+import platform
 
 
 def write_section(path: str, text: str, begin: str, end: str) -> None:
@@ -14,3 +15,14 @@ def write_section(path: str, text: str, begin: str, end: str) -> None:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     with open(path, "w") as f:
         f.write(new)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
