@@ -15,7 +15,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.layers.mla import LatentCache, init_latent_cache
 from jaxmoe.layers.mtp import MTPModule
 from jaxmoe.layers.norm import RMSNorm
-from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.rope import rope_angles
 from jaxmoe.layers.stack import make_stack, run_stack, run_stack_absorbed
 
@@ -57,7 +57,7 @@ class DeepseekV3(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         cos, sin = rope_angles(positions, cfg)
-        h = compute(self.embed_VD[...], cfg)[tokens]  # [B, T, D]
+        h = weight(self.embed_VD, cfg)[tokens]  # [B, T, D]
         if self.dense_layers is not None:
             h, _ = run_stack(self.dense_layers, h, positions, cos, sin, mask, self.remat)
         aux = {}
@@ -90,7 +90,7 @@ class DeepseekV3(nnx.Module):
         B, T, D = hidden.shape
         # 2-D matmul for a transpose-free weight gradient (see layers/mlp.py)
         logits = jnp.einsum("MD,DV->MV", hidden.reshape(B * T, D),
-                            compute(self.lm_head_DV[...], self.cfg),
+                            weight(self.lm_head_DV, self.cfg),
                             preferred_element_type=jnp.float32)
         return logits.reshape(B, T, -1)  # [B, T, V]
 
@@ -111,7 +111,7 @@ class DeepseekV3(nnx.Module):
         """Absorbed MLA over the latent cache: tokens/positions [B, T] (a prefill chunk or one
         step) -> (logits [B, T, V] float32, updated cache)."""
         cos, sin = rope_angles(positions, self.cfg)
-        h = compute(self.embed_VD[...], self.cfg)[tokens]
+        h = weight(self.embed_VD, self.cfg)[tokens]
         dense, moe = cache
         if self.dense_layers is not None:
             h, dense = run_stack_absorbed(self.dense_layers, h, positions, cos, sin, dense)

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxmoe import axes
 from jaxmoe.config import ModelConfig
 from jaxmoe.layers.norm import RMSNorm
-from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.rope import apply_rope
 
 NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
@@ -63,17 +63,17 @@ class MLA(nnx.Module):
     def _queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         if cfg.q_lora_rank is None:
-            q = jnp.einsum("BTD,DNJ->BTNJ", x, compute(self.wq_DNJ[...], cfg))
+            q = jnp.einsum("BTD,DNJ->BTNJ", x, weight(self.wq_DNJ, cfg))
         else:
-            q_lat = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, compute(self.wq_a_DQ[...], cfg)))
-            q = jnp.einsum("BTQ,QNJ->BTNJ", q_lat, compute(self.wq_b_QNJ[...], cfg))
+            q_lat = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, weight(self.wq_a_DQ, cfg)))
+            q = jnp.einsum("BTQ,QNJ->BTNJ", q_lat, weight(self.wq_b_QNJ, cfg))
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin)
 
     def _latent(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         """(RMSNorm_kv(c) [B, T, C], rotated k_pe [B, T, R])."""
         cfg = self.cfg
-        kv = jnp.einsum("BTD,DP->BTP", x, compute(self.wkv_a_DP[...], cfg))
+        kv = jnp.einsum("BTD,DP->BTP", x, weight(self.wkv_a_DP, cfg))
         c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
         return self.kv_norm(c), apply_rope(k_pe, cos, sin)
 
@@ -93,7 +93,7 @@ class MLA(nnx.Module):
         H = cfg.qk_nope_head_dim
         q_nope, q_pe = self._queries(x, cos, sin)
         c, k_pe = self._latent(x, cos, sin)
-        kvb = jnp.einsum("BSC,CNI->BSNI", c, compute(self.wkv_b_CNI[...], cfg))
+        kvb = jnp.einsum("BSC,CNI->BSNI", c, weight(self.wkv_b_CNI, cfg))
         k_nope, v = kvb[..., :H], kvb[..., H:]
         scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
                   + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=jnp.float32))
@@ -101,7 +101,7 @@ class MLA(nnx.Module):
             mask = causal_mask(positions, positions)
         p = self._softmax(scores, mask, x.dtype)
         o = jnp.einsum("BNTS,BSNG->BTNG", p, v)
-        return jnp.einsum("BTNG,NGD->BTD", o, compute(self.wo_NGD[...], cfg))
+        return jnp.einsum("BTNG,NGD->BTD", o, weight(self.wo_NGD, cfg))
 
     # -------------------------------------------------------------------------------- absorbed
     def absorbed(self, x: jax.Array, positions: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -117,7 +117,7 @@ class MLA(nnx.Module):
         b = jnp.arange(x.shape[0])[:, None]  # [B, 1] row index for the scatter
         cache = LatentCache(cache.kv.at[b, positions].set(c.astype(cache.kv.dtype)),
                             cache.pe.at[b, positions].set(k_pe.astype(cache.pe.dtype)))
-        wkv_b = compute(self.wkv_b_CNI[...], cfg)
+        wkv_b = weight(self.wkv_b_CNI, cfg)
         w_uk, w_uv = wkv_b[..., :H], wkv_b[..., H:]  # [C, N, H], [C, N, G]
         q_abs = jnp.einsum("BTNH,CNH->BTNC", q_nope, w_uk)
         kv, pe = cache.kv.astype(x.dtype), cache.pe.astype(x.dtype)
@@ -127,4 +127,4 @@ class MLA(nnx.Module):
         p = self._softmax(scores, causal_mask(positions, slots), x.dtype)
         u = jnp.einsum("BNTS,BSC->BTNC", p, kv)
         o = jnp.einsum("BTNC,CNG->BTNG", u, w_uv)
-        return jnp.einsum("BTNG,NGD->BTD", o, compute(self.wo_NGD[...], cfg)), cache
+        return jnp.einsum("BTNG,NGD->BTD", o, weight(self.wo_NGD, cfg)), cache

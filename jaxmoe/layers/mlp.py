@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxmoe import axes
 from jaxmoe.config import ModelConfig
-from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.params import param, weight
 
 
 class MLP(nnx.Module):
@@ -26,7 +26,7 @@ class MLP(nnx.Module):
         # 2-D matmuls: with [B, T, D] operands XLA:CPU transposes the activation gradients
         # before every weight-gradient dot (measured ~25% of the backward).
         xm = x.reshape(-1, x.shape[-1])  # [M, D]
-        g = jnp.einsum("MD,DF->MF", xm, compute(self.w_gate_DF[...], cfg))
-        u = jnp.einsum("MD,DF->MF", xm, compute(self.w_up_DF[...], cfg))
-        y = jnp.einsum("MF,FD->MD", jax.nn.silu(g) * u, compute(self.w_down_FD[...], cfg))
+        g = jnp.einsum("MD,DF->MF", xm, weight(self.w_gate_DF, cfg))
+        u = jnp.einsum("MD,DF->MF", xm, weight(self.w_up_DF, cfg))
+        y = jnp.einsum("MF,FD->MD", jax.nn.silu(g) * u, weight(self.w_down_FD, cfg))
         return y.reshape(x.shape)  # [..., D]

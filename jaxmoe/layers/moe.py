@@ -10,7 +10,7 @@ from jaxmoe import axes
 from jaxmoe.config import ModelConfig
 from jaxmoe.layers import dispatch
 from jaxmoe.layers.mlp import MLP
-from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.router import Router, Routing
 
 
@@ -35,8 +35,8 @@ class MoE(nnx.Module):
         if cfg.moe_capacity_factor is not None:
             keep, dropped = dispatch.capacity_keep(r.experts, cfg.n_routed_experts, cfg.moe_capacity_factor)
         y = dispatch.experts_swiglu(
-            xm, r.weights, r.experts, compute(self.w_gate_EDF[...], cfg),
-            compute(self.w_up_EDF[...], cfg), compute(self.w_down_EFD[...], cfg),
+            xm, r.weights, r.experts, weight(self.w_gate_EDF, cfg),
+            weight(self.w_up_EDF, cfg), weight(self.w_down_EFD, cfg),
             impl=resolve_impl(cfg.moe_impl), keep=keep)
         y = y.reshape(B, T, D)
         if self.shared is not None:

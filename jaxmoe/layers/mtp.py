@@ -17,7 +17,7 @@ from jaxmoe import axes
 from jaxmoe.config import ModelConfig
 from jaxmoe.layers.block import DecoderLayer
 from jaxmoe.layers.norm import RMSNorm
-from jaxmoe.layers.params import compute, param
+from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.rope import rope_angles
 
 
@@ -42,11 +42,11 @@ class MTPModule(nnx.Module):
         Returns (logits [B, T', V] float32, this depth's hidden [B, T', D], routing aux).
         """
         cfg = self.cfg
-        emb = compute(self.embed_VD[...], cfg)[next_tokens]
+        emb = weight(self.embed_VD, cfg)[next_tokens]
         u = jnp.concatenate([self.enorm(emb), self.hnorm(h)], axis=-1)  # [B, T', 2D]
-        x = jnp.einsum("BTU,UD->BTD", u, compute(self.eh_proj_UD[...], cfg))
+        x = jnp.einsum("BTU,UD->BTD", u, weight(self.eh_proj_UD, cfg))
         cos, sin = rope_angles(positions, cfg)
         x, aux = self.layer(x, positions, cos, sin, mask)
-        logits = jnp.einsum("BTD,DV->BTV", self.head_norm(x), compute(self.head_DV[...], cfg),
+        logits = jnp.einsum("BTD,DV->BTV", self.head_norm(x), weight(self.head_DV, cfg),
                             preferred_element_type=jnp.float32)
         return logits, x, aux

@@ -36,3 +36,9 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
 def compute(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Cast a parameter (or activation) to the compute dtype of the policy."""
     return x.astype(dtype_of(cfg.dtype))
+
+
+def weight(var: nnx.Variable, cfg: ModelConfig) -> jax.Array:
+    """The effective weight of a parameter in the compute dtype. Every layer reads its weights
+    through here, so alternative storage (quantized weights, adapters) plugs in at one place."""
+    return compute(var[...], cfg)
