@@ -14,9 +14,10 @@ makes it fast (bench/bench_moe.py measures each point):
   chunk gathers its token rows straight from x; chunk outputs are written into an expert-sorted buffer
   (rows past a chunk's valid count are masked, so chunks may overlap the next expert's rows).
 - The combine and all its transposes are K row gathers (no scatter): out[t] = sum_k w[t,k] y[pos[t,k]].
-- A custom VJP: the forward keeps the gate/up products (no recomputation), the backward loop writes d x
-  rows into a sorted buffer and accumulates each expert's weight gradients in place (transposes
-  materialised so XLA:CPU uses its fast small-GEMM kernel); d weights = <d out, y> per pair.
+- A custom VJP: the forward keeps the gate/up products (no recomputation) but not the expert outputs;
+  the backward loop writes d x rows into a sorted buffer and accumulates each expert's weight gradients
+  in place (transposes materialised so XLA:CPU uses its fast small-GEMM kernel); d weights per pair =
+  <d out W_down^T, h>, a by-product of the d h GEMM.
 """
 
 from __future__ import annotations
@@ -156,38 +157,44 @@ def _experts(x, w, wg, wu, wd, plan, sizes):
 def _experts_fwd(x, w, wg, wu, wd, plan, sizes):
     yp, gp, up = _forward(x, wg, wu, wd, plan, sizes, save=True)
     out = _gather_k(yp, plan.pos, w.astype(jnp.float32)).astype(x.dtype)
-    return out, (x, w, wg, wu, wd, plan, yp, gp, up)
+    # yp is not kept: d w = <d out, y> = <d out W_down^T, h> comes from the backward's own GEMM,
+    # and under a layer scan every residual is stacked over layers (an [L, rows, D] buffer).
+    return out, (x, w, wg, wu, wd, plan, gp, up)
 
 
 def _experts_bwd(sizes, res, dout):
-    x, w, wg, wu, wd, plan, yp, gp, up = res
+    x, w, wg, wu, wd, plan, gp, up = res
     dt = x.dtype
-    M, K = plan.pos.shape
-    dw = jnp.stack([(dout.astype(jnp.float32) * jnp.take(yp, plan.pos[:, k], axis=0, mode="clip")
-                     .astype(jnp.float32)).sum(-1) for k in range(K)], axis=-1)  # [M, K]
     wflat = w.astype(jnp.float32).reshape(-1)
     row_w = jnp.where(plan.row_pair >= 0, wflat[jnp.maximum(plan.row_pair, 0)], 0.0)
 
     def body(s, e, a, v, carry):
-        dxp, dwg, dwu, dwd = carry
+        dxp, dwp, dwg, dwu, dwd = carry
         idx = jax.lax.dynamic_slice_in_dim(plan.row_tok, a, s)
         rw = jnp.where(jnp.arange(s) < v, jax.lax.dynamic_slice_in_dim(row_w, a, s), 0.0)
         xt = jnp.take(x, idx, axis=0, mode="clip")
-        dy = (jnp.take(dout, idx, axis=0, mode="clip").astype(jnp.float32) * rw[:, None]).astype(dt)
+        do = jnp.take(dout, idx, axis=0, mode="clip")  # [s, D] unweighted d out of the chunk's tokens
         g, u = (jax.lax.dynamic_slice_in_dim(b, a, s) for b in (gp, up))  # [s, F] float32
         sg = jax.nn.sigmoid(g)
-        h = (g * sg * u).astype(dt)
-        dh = _dot(dy, wd[e].T)
+        h32 = g * sg * u
+        q = _dot(do, wd[e].T)  # [s, F] = d out W_down^T; d h = w q and d w = <q, h>
+        dwp = _masked_write(dwp, (q * h32).sum(-1, keepdims=True), a, v)
+        dh = q * rw[:, None]
         du = (dh * g * sg).astype(dt)
         dg = (dh * u * sg * (1 + g * (1 - sg))).astype(dt)
         dxp = _masked_write(dxp, _dot(dg, wg[e].T) + _dot(du, wu[e].T), a, v)
+        dy = (do.astype(jnp.float32) * rw[:, None]).astype(dt)
         add = lambda acc, d: jax.lax.dynamic_update_index_in_dim(acc, acc[e] + d, e, 0)  # noqa: E731
-        return dxp, add(dwg, _tdot(xt, dg)), add(dwu, _tdot(xt, du)), add(dwd, _tdot(h, dy))
+        return (dxp, dwp, add(dwg, _tdot(xt, dg)), add(dwu, _tdot(xt, du)),
+                add(dwd, _tdot(h32.astype(dt), dy)))
 
     zeros = lambda a: jnp.zeros(a.shape, jnp.float32)  # noqa: E731
-    carry = (jnp.zeros((plan.row_tok.shape[0], x.shape[-1]), dt), zeros(wg), zeros(wu), zeros(wd))
-    dxp, dwg, dwu, dwd = _chunk_loop(sizes, plan.items, body, carry)
+    n_rows = plan.row_tok.shape[0]
+    carry = (jnp.zeros((n_rows, x.shape[-1]), dt), jnp.zeros((n_rows, 1), jnp.float32),
+             zeros(wg), zeros(wu), zeros(wd))
+    dxp, dwp, dwg, dwu, dwd = _chunk_loop(sizes, plan.items, body, carry)
     dx = _gather_k(dxp, plan.pos).astype(dt)
+    dw = jnp.take(dwp[:, 0], plan.pos, mode="clip")  # [M, K]; dropped pairs read the never-written row: 0
     return dx, dw.astype(w.dtype), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), None
 
 

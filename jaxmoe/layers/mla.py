@@ -21,6 +21,7 @@ from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.rope import apply_rope
 
 NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
+Q_CHUNK = 128  # naive path: queries per block of the block-causal attention
 
 
 class LatentCache(NamedTuple):
@@ -60,22 +61,38 @@ class MLA(nnx.Module):
         self.wo_NGD = param(rngs, (N, G, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), cfg)
 
     # ------------------------------------------------------------------------------ projections
+    # Projections are 2-D matmuls over the flattened tokens M = B*T and the flattened head axes:
+    # with [B, T, ...] operands XLA:CPU transposes activations before every weight-gradient dot.
     def _queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> (q_nope [B, T, N, H], rotated q_pe [B, T, N, R])."""
         cfg = self.cfg
+        B, T, D = x.shape
+        N, J = cfg.num_attention_heads, cfg.qk_head_dim
+        xm = x.reshape(B * T, D)  # [M, D]
         if cfg.q_lora_rank is None:
-            q = jnp.einsum("BTD,DNJ->BTNJ", x, weight(self.wq_DNJ, cfg))
+            q = jnp.dot(xm, weight(self.wq_DNJ, cfg).reshape(D, N * J))  # [M, N*J]
         else:
-            q_lat = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x, weight(self.wq_a_DQ, cfg)))
-            q = jnp.einsum("BTQ,QNJ->BTNJ", q_lat, weight(self.wq_b_QNJ, cfg))
+            q_lat = self.q_norm(jnp.einsum("MD,DQ->MQ", xm, weight(self.wq_a_DQ, cfg)))
+            q = jnp.dot(q_lat, weight(self.wq_b_QNJ, cfg).reshape(-1, N * J))  # [M, N*J]
+        q = q.reshape(B, T, N, J)  # [B, T, N, J]
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin)
 
     def _latent(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         """(RMSNorm_kv(c) [B, T, C], rotated k_pe [B, T, R])."""
         cfg = self.cfg
-        kv = jnp.einsum("BTD,DP->BTP", x, weight(self.wkv_a_DP, cfg))
+        B, T, D = x.shape
+        kv = jnp.einsum("MD,DP->MP", x.reshape(B * T, D), weight(self.wkv_a_DP, cfg))
+        kv = kv.reshape(B, T, -1)  # [B, T, P]
         c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
         return self.kv_norm(c), apply_rope(k_pe, cos, sin)
+
+    def _out(self, o: jax.Array) -> jax.Array:
+        """Per-head values o [B, T, N, G] -> [B, T, D] through W_O."""
+        B, T, N, G = o.shape
+        w = weight(self.wo_NGD, self.cfg)
+        y = jnp.dot(o.reshape(B * T, N * G), w.reshape(N * G, -1))  # [M, N*G] @ [N*G, D]
+        return y.reshape(B, T, -1)  # [B, T, D]
 
     def _softmax(self, scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
         scores = scores.astype(jnp.float32) * self.cfg.softmax_scale
@@ -87,21 +104,32 @@ class MLA(nnx.Module):
                  mask: jax.Array | None = None) -> jax.Array:
         """Naive MLA over the sequence itself. x [B, T, D], positions [B, T] -> [B, T, D].
 
-        `mask` [B, 1, T, T] overrides the causal mask (e.g. document masking in packed data).
+        Causal by index (query t sees keys 0..t, as in the published model); `mask` [B, 1, T, T]
+        restricts it further (e.g. document masking in packed data).
         """
         cfg = self.cfg
-        H = cfg.qk_nope_head_dim
+        B, T, _ = x.shape
+        N, H, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         q_nope, q_pe = self._queries(x, cos, sin)
         c, k_pe = self._latent(x, cos, sin)
-        kvb = jnp.einsum("BSC,CNI->BSNI", c, weight(self.wkv_b_CNI, cfg))
-        k_nope, v = kvb[..., :H], kvb[..., H:]
-        scores = (jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("BTNR,BSR->BNTS", q_pe, k_pe, preferred_element_type=jnp.float32))
-        if mask is None:
-            mask = causal_mask(positions, positions)
-        p = self._softmax(scores, mask, x.dtype)
-        o = jnp.einsum("BNTS,BSNG->BTNG", p, v)
-        return jnp.einsum("BTNG,NGD->BTD", o, weight(self.wo_NGD, cfg))
+        kvb = jnp.dot(c.reshape(B * T, C), weight(self.wkv_b_CNI, cfg).reshape(C, -1))  # [M, N*I]
+        kvb = kvb.reshape(B, T, N, -1)  # [B, S, N, I]
+        # one score contraction over [nope | rope]: the shared rope key is broadcast over heads
+        q = jnp.concatenate([q_nope, q_pe], -1)  # [B, T, N, J]
+        k = jnp.concatenate([kvb[..., :H], jnp.broadcast_to(k_pe[:, :, None], (B, T, N, R))], -1)
+        v = kvb[..., H:]  # [B, S, N, G]
+        outs = []
+        for t0 in range(0, T, Q_CHUNK):
+            # block-causal: queries [t0, t1) never see keys past t1, so those keys are not computed
+            t1 = min(t0 + Q_CHUNK, T)
+            scores = jnp.einsum("BTNJ,BSNJ->BNTS", q[:, t0:t1], k[:, :t1],
+                                preferred_element_type=jnp.float32)
+            allowed = jnp.arange(t0, t1)[:, None] >= jnp.arange(t1)[None, :]  # [T', S']
+            if mask is not None:
+                allowed = allowed & mask[:, :, t0:t1, :t1]
+            p = self._softmax(scores, allowed, x.dtype)
+            outs.append(jnp.einsum("BNTS,BSNG->BTNG", p, v[:, :t1]))
+        return self._out(jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
 
     # -------------------------------------------------------------------------------- absorbed
     def absorbed(self, x: jax.Array, positions: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -126,5 +154,4 @@ class MLA(nnx.Module):
         slots = jnp.broadcast_to(jnp.arange(kv.shape[1]), (x.shape[0], kv.shape[1]))
         p = self._softmax(scores, causal_mask(positions, slots), x.dtype)
         u = jnp.einsum("BNTS,BSC->BTNC", p, kv)
-        o = jnp.einsum("BTNC,CNG->BTNG", u, w_uv)
-        return jnp.einsum("BTNG,NGD->BTD", o, weight(self.wo_NGD, cfg)), cache
+        return self._out(jnp.einsum("BTNC,CNG->BTNG", u, w_uv)), cache
