@@ -117,9 +117,11 @@ def experts_swiglu(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate:
         return combine(jnp.take_along_axis(y, experts[:, :, None], axis=1), weights, x.dtype)
     w_gu = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
     flat = experts.reshape(-1)
+    if keep is not None:  # dropped pairs sort after the last group: ragged_dot skips (zeroes) them
+        flat = jnp.where(keep.reshape(-1), flat, E)
     order = jnp.argsort(flat, stable=True)
     xs = x[order // K]  # [M*K, D] expert-sorted rows
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # the dropped bucket E is not counted
     h = _swiglu(jax.lax.ragged_dot(xs, w_gu, sizes))
     ys = jax.lax.ragged_dot(h, w_down, sizes)  # [M*K, D]
     y = jnp.zeros_like(ys).at[order].set(ys)  # back to pair order
