@@ -41,6 +41,10 @@ def convert_parser() -> argparse.ArgumentParser:
                         "small models) and print the max relative logit error")
     p.add_argument("--mtp", choices=["auto", "yes", "no"], default="auto",
                    help="convert the MTP layer (layer num_hidden_layers): auto = if present")
+    p.add_argument("--keep-fp8", action="store_true",
+                   help="store FP8 weights as they are (e4m3 + 128x128 scales) for FP8-weight "
+                        "inference (jaxmoe.load_model gives FP8Block weights); --dtype then "
+                        "applies to the other tensors")
     p.add_argument("--max-slab", type=_size, default="256M",
                    help="split plain tensors into row blocks of at most this size (256M)")
     p.add_argument("--batch", type=_size, default="256M",
@@ -121,7 +125,7 @@ def _convert(a) -> int:
     try:
         st = convert(a.hf_dir, a.out_dir, dtype=a.dtype, resume=a.resume, overwrite=a.overwrite,
                      workers=a.workers, mtp=a.mtp, max_slab_bytes=a.max_slab,
-                     batch_bytes=a.batch, progress=bar)
+                     batch_bytes=a.batch, progress=bar, keep_fp8=a.keep_fp8)
     finally:
         bar.close()
     print(_summary("converted", st))

@@ -21,6 +21,7 @@ import numpy as np
 from jaxmoe import hf_mapping, orbax_io
 from jaxmoe.safetensors_io import NAMES, CheckpointError
 
+from convert.fp8 import dequantize_rows
 from convert.pipeline import Stats
 from convert.plan import DEFAULT_MAX_SLAB, hf_shape
 
@@ -111,8 +112,18 @@ def export(orbax_dir, hf_dir, *, dtype: str = "bfloat16", max_shard_bytes: int =
     os.makedirs(tmp)
     arrays = {}
     specs, work = [], []
+    kept = meta.get("fp8") or {}  # --keep-fp8: e4m3 [out, in] + scales, dequantised here
     for e in hf_mapping.entries(cfg):
         name = orbax_io.param_name(e.path)
+        if name in kept:
+            for part in (".q", ".scale_inv"):
+                if name + part not in arrays:
+                    arrays[name + part] = orbax_io.open_array(orbax_dir, name + part)
+            shape = tuple(arrays[name + ".q"].shape[len(e.index):])
+            dt = np.dtype(np.float32) if dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
+            specs.append((e.hf_name, dt, shape))
+            work.append((e, name, shape, shape[0]))
+            continue
         if name not in stored:
             raise CheckpointError(f"{orbax_dir}: parameter {name} (for {e.hf_name}) missing")
         if name not in arrays:
@@ -132,6 +143,18 @@ def export(orbax_dir, hf_dir, *, dtype: str = "bfloat16", max_shard_bytes: int =
     tick = progress(plan_bytes, 0, len(specs), 0) if progress else None
     for e, name, shape, step in work:
         w.begin(e.hf_name)
+        if name in kept:
+            q = np.asarray(arrays[name + ".q"][tuple(e.index)].read().result())
+            s = np.asarray(arrays[name + ".scale_inv"][tuple(e.index)].read().result())
+            w.write(dequantize_rows(q, s, 0, tuple(kept[name]["block"]), np.float32,
+                                    e.hf_name))
+            st.src_bytes += q.nbytes + s.nbytes
+            nbytes = math.prod(shape) * w._dtype.itemsize
+            st.out_bytes += nbytes
+            st.slabs += 1
+            if tick:
+                tick(nbytes, True)
+            continue
         arr = arrays[name]
         for r0 in range(0, shape[0], step):
             r1 = min(r0 + step, shape[0])

@@ -114,6 +114,8 @@ def compute_slab(src: Source, plan: Plan, slab: Slab) -> np.ndarray:
 
 def _compute(src: Source, plan: Plan, slab: Slab) -> np.ndarray:
     e = slab.entry
+    if slab.kind != "value":
+        return _kept_fp8(src, slab)
     out_dtype = np.dtype(plan.arrays[slab.array].dtype)
     x = src.read(e.hf_name, slab.rows)
     s = None
@@ -137,6 +139,23 @@ def _compute(src: Source, plan: Plan, slab: Slab) -> np.ndarray:
     return np.asarray(e.to_jaxmoe(y, plan.cfg))
 
 
+def _kept_fp8(src: Source, slab: Slab) -> np.ndarray:
+    """--keep-fp8: the e4m3 weight as published (NaN codes refused) or its float32 scales
+    (finite, positive), written unchanged."""
+    if slab.kind == "fp8":
+        x = src.read(slab.entry.hf_name)
+        if _has_special(x):
+            s = np.asarray(src.read(slab.scale), np.float32)
+            fp8.dequantize_rows(x, s, 0, src.fp8_block, np.float32, slab.entry.hf_name)
+        return np.asarray(x)
+    s = np.asarray(src.read(slab.scale), np.float32)
+    if not (np.isfinite(s).all() and (s > 0).all()):
+        bad = tuple(int(i) for i in np.argwhere(~(np.isfinite(s) & (s > 0)))[0])
+        raise CheckpointError(f"tensor {slab.scale!r}: {s[bad]} at {list(bad)}; expected "
+                              "finite positive scales")
+    return s
+
+
 # ---------------------------------------------------------------------------- orchestration
 @dataclasses.dataclass
 class Stats:
@@ -153,12 +172,14 @@ class Stats:
 def convert(hf_dir, out_dir, *, dtype: str | None = None, resume: bool = False,
             overwrite: bool = False, workers: int = 2, mtp="auto",
             max_slab_bytes: int = DEFAULT_MAX_SLAB, batch_bytes: int = writer.DEFAULT_BATCH,
-            progress: Callable[..., Callable[[int, bool], None]] | None = None) -> Stats:
+            progress: Callable[..., Callable[[int, bool], None]] | None = None,
+            keep_fp8: bool = False) -> Stats:
     """Convert; returns Stats. `progress(total_bytes, done_bytes, tensors, done_tensors)`
-    returns a per-slab callback `tick(slab_bytes, tensor_finished)`."""
+    returns a per-slab callback `tick(slab_bytes, tensor_finished)`. keep_fp8: FP8 weights
+    stay e4m3 with their scales (see `plan.build_plan`)."""
     t0 = time.perf_counter()
     src = Source(hf_dir)
-    plan = build_plan(src, dtype, mtp, max_slab_bytes)
+    plan = build_plan(src, dtype, mtp, max_slab_bytes, keep_fp8=keep_fp8)
     validate(src, plan)
     tmp = writer.prepare_output(out_dir, resume, overwrite, plan.fingerprint)
     if writer.sealed(tmp):  # killed between sealing and the rename

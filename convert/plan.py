@@ -67,6 +67,7 @@ class Slab:
     scale: str | None   # FP8 scale tensor name
     src_bytes: int
     out_bytes: int
+    kind: str = "value"  # "value"; with keep_fp8: "fp8" (raw e4m3 weight), "fp8_scale"
 
 
 @dataclasses.dataclass
@@ -77,6 +78,7 @@ class Plan:
     slabs: list
     fingerprint: str
     drop_mtp: bool = False  # layer num_hidden_layers (MTP) deliberately left out
+    fp8: dict = dataclasses.field(default_factory=dict)  # keep_fp8: name -> transform, block
 
     @property
     def total_out_bytes(self) -> int:
@@ -115,7 +117,9 @@ def _split_rows(e: hf_mapping.Entry, slab_shape: tuple, itemsize: int, max_bytes
 
 
 def build_plan(src: Source, dtype: str | None = None, mtp="auto",
-               max_slab_bytes: int = DEFAULT_MAX_SLAB) -> Plan:
+               max_slab_bytes: int = DEFAULT_MAX_SLAB, keep_fp8: bool = False) -> Plan:
+    """keep_fp8: FP8 weights are stored as they are (`<param>.q` e4m3 in the published [out, in]
+    layout, `<param>.scale_inv` float32 blocks) for `jaxmoe.quant` FP8-weight inference."""
     cfg = model_config(src, mtp)
     ents = list(hf_mapping.entries(cfg))
     dtype = dtype or src.source_dtype(e.hf_name for e in ents)
@@ -124,7 +128,12 @@ def build_plan(src: Source, dtype: str | None = None, mtp="auto",
     abstract = {p: v.get_value() for p, v in flat}
     arrays: dict[str, ArrayPlan] = {}
     slabs: list[Slab] = []
+    kept = _kept_fp8(src, ents) if keep_fp8 else set()
+    fp8_layout: dict[str, dict] = {}
     for e in ents:
+        if e.path in kept:
+            slabs += _fp8_slabs(src, e, abstract[e.path], arrays, fp8_layout)
+            continue
         if e.path not in abstract:
             raise CheckpointError(f"mapping row {e.hf_name} -> {param_name(e.path)} has no "
                                   "model parameter")
@@ -159,13 +168,49 @@ def build_plan(src: Source, dtype: str | None = None, mtp="auto",
                 e.hf_name + ("" if rows is None else f"@{r0}:{r1}"), e, name, rows, hs,
                 tuple(e.index) + tail, e.hf_name + SCALE_SUFFIX if fp8 else None,
                 int(src.nbytes(e.hf_name) * frac) if present else 0, n * itemsize))
-    slabs.sort(key=lambda s: (src.sort_key(s.entry.hf_name) if s.entry.hf_name in src
+
+    def tensor(s: Slab) -> str:
+        return s.scale if s.kind == "fp8_scale" else s.entry.hf_name
+
+    slabs.sort(key=lambda s: (src.sort_key(tensor(s)) if tensor(s) in src
                               else ("~", 0)) + (s.rows or (0, 0),))
     fp = hashlib.sha256(json.dumps(
         [src.fingerprint(), cfg.to_hf_config(), dtype,
          [[a.name, a.shape, a.dtype, a.chunks] for a in arrays.values()],
          [s.key for s in slabs]], default=str).encode()).hexdigest()
-    return Plan(cfg, dtype, arrays, slabs, fp, drop_mtp=mtp in (False, "no"))
+    return Plan(cfg, dtype, arrays, slabs, fp, drop_mtp=mtp in (False, "no"), fp8=fp8_layout)
+
+
+def _kept_fp8(src: Source, ents) -> set:
+    """Parameters whose every published tensor is FP8 in the source (kept as FP8)."""
+    by_path: dict[tuple, list] = {}
+    for e in ents:
+        if e.hf_name in src:
+            by_path.setdefault(e.path, []).append(src.dtype_name(e.hf_name) == FP8_DTYPE)
+    mixed = [p for p, f in by_path.items() if any(f) and not all(f)]
+    if mixed:
+        raise CheckpointError(f"{src.path}: --keep-fp8: parameter {param_name(mixed[0])} has "
+                              "both FP8 and non-FP8 tensors in the source")
+    return {p for p, f in by_path.items() if all(f)}
+
+
+def _fp8_slabs(src: Source, e: hf_mapping.Entry, a, arrays: dict, layout: dict) -> list:
+    """The e4m3 weight and its scale blocks of one FP8 tensor, stored as published."""
+    name = param_name(e.path)
+    lead = tuple(a.shape[:len(e.index)])
+    hs = hf_shape(e.transform, tuple(a.shape[len(e.index):]), None)
+    ss = scale_shape(hs, src.fp8_block)
+    for suffix, shape, dt in ((".q", hs, "float8_e4m3fn"), (".scale_inv", ss, "float32")):
+        if name + suffix not in arrays:
+            arrays[name + suffix] = ArrayPlan(e.path + (suffix[1:],), name + suffix, lead + shape,
+                                              dt, (1,) * len(lead) + shape, -1)
+    layout[name] = {"transform": e.transform, "block": list(src.fp8_block)}
+    sname = e.hf_name + SCALE_SUFFIX
+    n, m = math.prod(hs), math.prod(ss)
+    return [Slab(e.hf_name, e, name + ".q", None, hs, tuple(e.index), sname,
+                 src.nbytes(e.hf_name), n, kind="fp8"),
+            Slab(sname, e, name + ".scale_inv", None, hs, tuple(e.index), sname,
+                 src.nbytes(sname) if sname in src else 0, 4 * m, kind="fp8_scale")]
 
 
 # ------------------------------------------------------------------------------- validation
@@ -175,8 +220,9 @@ def validate(src: Source, plan: Plan) -> None:
     expected: set[str] = set()
     for e in {s.entry.hf_name: s.entry for s in plan.slabs}.values():
         expected.add(e.hf_name)
-        a = plan.arrays[param_name(e.path)]
-        want = hf_shape(e.transform, a.shape[len(e.index):], cfg)
+        a = plan.arrays.get(param_name(e.path)) or plan.arrays[param_name(e.path) + ".q"]
+        want = hf_shape(e.transform, a.shape[len(e.index):], cfg) if a.name == param_name(
+            e.path) else tuple(a.shape[len(e.index):])
         if e.hf_name not in src:
             problems.append(f"tensor {e.hf_name!r} missing from the checkpoint (config.json "
                             f"implies it, shape {list(want)})")

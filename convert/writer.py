@@ -163,7 +163,7 @@ def seal(tmp: str, plan: Plan, source: str) -> None:
     orbax_io.write_json_durable(os.path.join(tmp, orbax_io.ORBAX_CHECKPOINT_METADATA),
                                 orbax_io.checkpoint_metadata())
     orbax_io.write_marker(tmp, plan.cfg, plan.dtype, source=os.path.abspath(source),
-                          fingerprint=plan.fingerprint)
+                          fingerprint=plan.fingerprint, fp8=plan.fp8 or None)
     _fsync_dir(tmp)
 
 

@@ -34,7 +34,8 @@ ORBAX_METADATA = "_METADATA"
 ORBAX_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 8 << 20,
                 "manifest_kind": "single"}
-ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16"}
+ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "bfloat16",
+               "float8_e4m3fn": "float8_e4m3fn"}  # FP8 weights kept by --keep-fp8
 
 
 def param_name(path: tuple) -> str:

@@ -1,0 +1,5 @@
+import sys
+
+from jaxmoe.generate.cli import main
+
+sys.exit(main())
