@@ -109,6 +109,13 @@ class ModelConfig:
     # ceil(factor * tokens * K / E) (token, expert) pairs and the MoE aux reports the dropped count)
     moe_impl: str = "auto"
     moe_capacity_factor: float | None = None
+    # Dynamic top-p routing (off by default, so published weights route exactly as trained): per
+    # token keep the smallest set of the router's top `router_max_k` experts whose renormalised
+    # scores reach `router_top_p`, at least `router_min_k` (None: 2, or max k when smaller);
+    # router_max_k None = num_experts_per_tok. Dispatch runs a static router_max_k slots per token.
+    router_top_p: float | None = None
+    router_min_k: int | None = None
+    router_max_k: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -137,6 +144,8 @@ class ModelConfig:
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"must be one of {MOE_IMPLS}")
         need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
              "must be None (dropless) or positive")
+        need(self.router_top_p is None or 0.0 < self.router_top_p <= 1.0, "router_top_p",
+             "must be None (off: plain top-k) or in (0, 1]")
         if self.has_moe:
             need(self.n_routed_experts > 0, "n_routed_experts", "MoE layers need experts")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
@@ -152,6 +161,13 @@ class ModelConfig:
                  f"groups of {self.n_routed_experts // self.n_group})")
             need(self.topk_method != "noaux_tc" or self.n_routed_experts // self.n_group >= 2,
                  "n_group", "noaux_tc scores a group by its top-2 experts: groups need >= 2 experts")
+            if self.router_top_p is not None:
+                need(1 <= self.routing_max_k <= kept, "router_max_k",
+                     f"must be in [1, {kept}] (experts in the kept groups)")
+                need(1 <= self.routing_min_k <= self.routing_max_k, "router_min_k",
+                     f"must be in [1, router_max_k={self.routing_max_k}]")
+                need(self.moe_capacity_factor is None, "moe_capacity_factor",
+                     "top-p routing needs dropless dispatch (None)")
         if self.first_k_dense_replace > 0 or self.num_hidden_layers == 0:
             need(self.intermediate_size > 0, "intermediate_size", "dense layers need a width")
         if self.rope_type == "yarn":
@@ -184,6 +200,19 @@ class ModelConfig:
     @property
     def routing_topk_group(self) -> int:
         return 1 if self.topk_method == "greedy" else self.topk_group
+
+    @property
+    def routing_max_k(self) -> int:
+        """Expert slots per token: num_experts_per_tok, or router_max_k under top-p routing."""
+        if self.router_top_p is None or self.router_max_k is None:
+            return self.num_experts_per_tok
+        return self.router_max_k
+
+    @property
+    def routing_min_k(self) -> int:
+        if self.router_min_k is not None:
+            return self.router_min_k
+        return min(2, self.routing_max_k)
 
     @property
     def has_router_bias(self) -> bool:

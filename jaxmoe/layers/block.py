@@ -16,7 +16,7 @@ from jaxmoe.layers.norm import RMSNorm
 def empty_aux(cfg: ModelConfig) -> dict:
     """The aux of a dense layer, shaped like a MoE layer's so stacks stay homogeneous."""
     return {"counts": jnp.zeros((max(cfg.n_routed_experts, 1),), jnp.float32),
-            "seq_balance": jnp.zeros((), jnp.float32)}
+            "seq_balance": jnp.zeros((), jnp.float32), "score_entropy": jnp.zeros((), jnp.float32)}
 
 
 class DecoderLayer(nnx.Module):

@@ -41,4 +41,7 @@ def compute(x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def weight(var: nnx.Variable, cfg: ModelConfig) -> jax.Array:
     """The effective weight of a parameter in the compute dtype. Every layer reads its weights
     through here, so alternative storage (quantized weights, adapters) plugs in at one place."""
+    adapted = getattr(var, "effective_weight", None)
+    if adapted is not None:  # a jaxmoe.lora.LoRAWeight: base (read through here) + (alpha/r) A B
+        return adapted(cfg)
     return compute(var[...], cfg)

@@ -25,16 +25,20 @@ class Routing(NamedTuple):
     weights: jax.Array  # [M, K] float32, renormalised and scaled
     experts: jax.Array  # [M, K] int32
     scores: jax.Array   # [M, E] float32 original affinities (for balance losses)
+    used: jax.Array | None = None  # [M, K] bool slots in use (top-p routing); None: all
 
 
 def route(logits: jax.Array, bias: jax.Array | None, cfg: ModelConfig) -> Routing:
     """Pure routing math on router logits [M, E] (float32).
 
     The math lives once, in the router kernel's plain-jnp reference; `moe_impl="pallas"` runs
-    the fused Pallas kernel instead, which computes the same result.
+    the fused Pallas kernel instead, which computes the same result. With `router_top_p` set,
+    the router picks `router_max_k` candidates and `used` marks the slots the top-p rule keeps.
     """
     spec = router_ref.RouterSpec.from_config(cfg)
     fn = router_ops.route if cfg.moe_impl == "pallas" else router_ref.route
+    if spec.top_p is not None:  # K = router_max_k candidates, then the top-p cut (plain jnp)
+        return Routing(*router_ref.route_top_p(logits.astype(jnp.float32), bias, spec, select=fn))
     return Routing(*fn(logits.astype(jnp.float32), bias, spec))
 
 

@@ -2,9 +2,10 @@
 N kept, exact resume.
 
 Each step folder holds two items: `state`, the whole train state (params, optimizer moments,
-router biases, RNG key, step) as a flat dict keyed by the pytree path joined with "." (so the
-layout does not depend on optax's or nnx's container types), and `meta`, JSON with the data
-position (`consumed` global rows), the corpus fingerprint and the run config. A save is only
+router biases, RNG key, step; a LoRA run's adapters only, see `saved_part`) as a flat dict keyed
+by the pytree path joined with "." (so the layout does not depend on optax's or nnx's container
+types), and `meta`, JSON with the data position (`consumed` global rows), the corpus fingerprint
+and the run config. A save is only
 visible once Orbax has finalised it, so a run killed mid-save resumes from the previous one.
 """
 
@@ -37,6 +38,19 @@ def unflatten(template, flat: dict):
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_part(k) for k in p)]
                                                   for p, _ in paths])
+
+
+# What a LoRA run saves: the adapters, their optimizer moments, the RNG and the step. The frozen
+# base (and the router biases, which LoRA runs do not update) come back from --model.init_from.
+LORA_SAVED = ("params", "opt", "rng", "step")
+
+
+def saved_part(state: dict) -> dict:
+    """The part of the train state a checkpoint holds: all of it, or for a LoRA run (whose
+    state has a "frozen" base) only `LORA_SAVED`."""
+    if "frozen" not in state:
+        return state
+    return {k: state[k] for k in LORA_SAVED}
 
 
 class Checkpointer:

@@ -2,6 +2,7 @@
 
     jaxmoe-train --config tiny --steps 50 --workdir /tmp/run     # resumes if /tmp/run has one
     jaxmoe-train --config tiny --help                           # every flag with its default
+    jaxmoe-train merge WORKDIR OUT_DIR                          # LoRA folded in -> Orbax
 
 Exit codes: 0 done (or preempted and saved), 2 bad configuration (reported before compiling).
 """
@@ -15,6 +16,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from jaxmoe.train.config import TrainConfigError, parse_args
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:  # jaxmoe-train merge WORKDIR OUT_DIR (jaxmoe/train/merge.py)
+        from jaxmoe.train.merge import main as merge_main
+
+        return merge_main(argv[1:])
     try:
         cfg = parse_args(argv)
     except TrainConfigError as e:

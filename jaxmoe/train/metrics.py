@@ -168,6 +168,10 @@ def read_metrics(path: str) -> list[dict]:
 
 def progress_line(rec: dict, total: int) -> str:
     parts = [f"step {rec['step']:>{len(str(total))}}/{total}", f"loss {rec['loss']:.4f}"]
+    if "phase" in rec:  # staged training (jaxmoe/train/staged.py)
+        from jaxmoe.train.staged import PHASES
+
+        parts.insert(1, f"phase {PHASES[int(rec['phase'])]}")
     if "eval_loss" in rec:
         parts.append(f"eval {rec['eval_loss']:.4f}")
     if "mtp_loss" in rec:
@@ -182,6 +186,15 @@ def progress_line(rec: dict, total: int) -> str:
         imb = ",".join(f"{x:.2f}" for x in np.atleast_1d(rec["load_max_over_mean"]))
         dead = ",".join(str(int(x)) for x in np.atleast_1d(rec["dead_experts"]))
         parts.append(f"load max/mean {imb} dead {dead}")
+    if "experts_per_token" in rec and _varies(rec):
+        parts.append("experts/token " + ",".join(
+            f"{x:.2f}" for x in np.atleast_1d(rec["experts_per_token"])))
     if "router_bias_norm" in rec:
         parts.append("|b| " + ",".join(f"{x:.3f}" for x in np.atleast_1d(rec["router_bias_norm"])))
     return " | ".join(parts)
+
+
+def _varies(rec: dict) -> bool:
+    """Experts per token differ from a whole number (top-p routing): worth a column."""
+    x = np.atleast_1d(rec["experts_per_token"])
+    return bool(np.any(np.abs(x - np.round(x)) > 1e-6))

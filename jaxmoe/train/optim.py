@@ -68,10 +68,16 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params)
 
 
-def make_optimizer(o: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                optax.Schedule]:
+def make_optimizer(o: OptimSection, total_steps: int, stage=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`stage`: a StageSection; when enabled, the phase mask of staged training wraps the chain
+    (router gradients zeroed before clipping, its updates after AdamW, during warm-up)."""
     lr = schedule(o, total_steps)
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask))
+    if stage is not None and stage.enabled:
+        from jaxmoe.train.staged import phase_mask
+
+        parts = [phase_mask(stage, total_steps), *parts, phase_mask(stage, total_steps)]
     return optax.chain(*parts), lr

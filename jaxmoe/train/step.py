@@ -17,6 +17,11 @@ applies the same update from GLOBAL counts.
 
 State: {"params", "biases", "rest", "opt", "rng", "step"}; batches come from
 `data.Loader.global_batch` as {"tokens", "segments", "positions"} [A, B/A, T + 1].
+
+LoRA runs (jaxmoe/lora): "params" holds only the adapters (what the optimizer sees), the frozen
+base sits in "frozen"; adapter dropout masks come from the step's RNG; the base's router biases
+stay as loaded (no bias update). Staged runs (staged.py): the phase comes from the step, the
+optimizer masks the router during warm-up, and the sparsify phase adds the router-entropy term.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flax import nnx
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.layers.mla import causal_mask
+from jaxmoe.train import staged as staged_lib
 from jaxmoe.train.config import LossSection
 
 
@@ -67,12 +73,32 @@ class StepFns:
     """Builds the jitted train / eval steps for one model graph and one run config."""
 
     def __init__(self, graphdef, mcfg: ModelConfig, loss: LossSection, tx: optax.GradientTransformation,
-                 lr_fn: Callable, total_steps: int):
+                 lr_fn: Callable, total_steps: int, *, lora: bool = False, lora_dropout: float = 0.0,
+                 stage=None):
         self.graphdef, self.mcfg, self.loss, self.tx, self.lr_fn = graphdef, mcfg, loss, tx, lr_fn
         self.total_steps = total_steps
         self.use_mtp = loss.mtp_weight > 0 and mcfg.num_nextn_predict_layers > 0
         self.use_balance = loss.balance_alpha > 0 and mcfg.num_moe_layers > 0
-        self.use_bias = loss.bias_update_speed > 0 and mcfg.has_router_bias
+        # LoRA freezes the whole base, the router's selection biases included
+        self.use_bias = loss.bias_update_speed > 0 and mcfg.has_router_bias and not lora
+        self.lora_dropout = lora_dropout if lora else 0.0
+        self.stage = stage if stage is not None and stage.enabled else None
+
+    def phase(self, step):
+        """Staged-training phase of the update at `step` (0 when not staged)."""
+        if self.stage is None:
+            return jnp.zeros((), jnp.int32)
+        return staged_lib.phase_of(step, self.stage, self.total_steps)
+
+    def model_of(self, params, biases, rest):
+        """`rest`: one nnx.State, or a tuple of them (the frozen base of a LoRA run, the rest)."""
+        rest = rest if isinstance(rest, tuple) else (rest,)
+        return nnx.merge(self.graphdef, params, biases, *rest)
+
+    @staticmethod
+    def fixed_parts(state: dict):
+        """The state's non-trained model parts, as `model_of` takes them."""
+        return (state["frozen"], state["rest"]) if "frozen" in state else state["rest"]
 
     # -- schedules of the loss weights (traced step)
     def mtp_lambda(self, step):
@@ -84,13 +110,19 @@ class StepFns:
         return jnp.where(step < stop, self.loss.bias_update_speed, 0.0)
 
     # -- one microbatch
-    def micro_loss(self, params, biases, rest, mb, denom, step, n_micro: int = 1):
+    def micro_loss(self, params, biases, rest, mb, denom, step, n_micro: int = 1, rng=None):
         """mb: tokens/segments/positions [b, T+1]; denom: global target counts per depth.
 
         Token losses are divided by the global counts, the per-row-averaged balance terms by the
         number of microbatches, so the sum over microbatches is the global-batch objective.
+        `rng`: the step's key (LoRA dropout: one mask for every microbatch of the step).
         """
-        model = nnx.merge(self.graphdef, params, biases, rest)
+        if self.lora_dropout > 0 and rng is not None:
+            from jaxmoe.lora import dropout_adapters
+
+            params = dropout_adapters(params, jax.random.fold_in(rng, 0x10A), self.lora_dropout)
+        model = self.model_of(params, biases, rest)
+        sparsity = 0.0
         tok, seg, pos = mb["tokens"], mb["segments"], mb["positions"]
         inputs, positions, seg_in = tok[:, :-1], pos[:, :-1], seg[:, :-1]
         mask = doc_mask(seg_in, positions)
@@ -104,6 +136,7 @@ class StepFns:
             aux["balance"] = bal
             if self.use_balance:
                 obj = obj + self.loss.balance_alpha * bal
+            sparsity = out.aux["score_entropy"].sum() / n_micro
         if self.use_mtp:
             lgs, mtp_aux = mtp_forward(model, out.hidden, inputs, positions, mask)
             mtp = 0.0
@@ -112,9 +145,14 @@ class StepFns:
                 aux[f"mtp_counts{k}"] = a["counts"]
                 if self.use_balance:
                     obj = obj + self.loss.balance_alpha * a["seq_balance"] / n_micro
+                sparsity = sparsity + a["score_entropy"] / n_micro
             mtp = mtp / len(lgs)
             aux["mtp"] = mtp
             obj = obj + self.mtp_lambda(step) * mtp
+        if self.stage is not None:
+            aux["router_entropy"] = jnp.asarray(sparsity, jnp.float32)
+            on = (self.phase(step) == 2).astype(jnp.float32)
+            obj = obj + on * self.stage.sparsity_weight * sparsity
         aux["objective"] = obj
         return obj, aux
 
@@ -126,22 +164,22 @@ class StepFns:
 
     # -- the optimizer step
     def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        params, biases, rest = state["params"], state["biases"], state["rest"]
-        step = state["step"]
+        params, biases, rest = state["params"], state["biases"], self.fixed_parts(state)
+        step, rng = state["step"], state["rng"]
         denom = self.denominators(batch["segments"])
         A = batch["tokens"].shape[0]
         grad_fn = jax.value_and_grad(self.micro_loss, has_aux=True)
         if A == 1:
             mb = jax.tree.map(lambda x: x[0], batch)
-            (_, aux), grads = grad_fn(params, biases, rest, mb, denom, step)
+            (_, aux), grads = grad_fn(params, biases, rest, mb, denom, step, 1, rng)
         else:
             def body(carry, mb):
                 g_acc, a_acc = carry
-                (_, a), g = grad_fn(params, biases, rest, mb, denom, step, A)
+                (_, a), g = grad_fn(params, biases, rest, mb, denom, step, A, rng)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, a_acc, a)), None
 
             a0 = jax.eval_shape(lambda: self.micro_loss(
-                params, biases, rest, jax.tree.map(lambda x: x[0], batch), denom, step, A)[1])
+                params, biases, rest, jax.tree.map(lambda x: x[0], batch), denom, step, A, rng)[1])
             a0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), a0)
             g0 = jax.tree.map(jnp.zeros_like, params)
             (grads, aux), _ = jax.lax.scan(body, (g0, a0), batch)
@@ -157,8 +195,18 @@ class StepFns:
             metrics["mtp_lambda"] = self.mtp_lambda(step)
         counts = self.counts_by_bias_path(aux)
         if self.use_bias:
-            biases = bias_update(biases, counts, self.gamma(step))
+            # staged warm-up: the router (its selection bias too) stays frozen
+            gamma = jnp.where(self.phase(step) == 0, 0.0, self.gamma(step)) if self.stage else \
+                self.gamma(step)
+            biases = bias_update(biases, counts, gamma)
         metrics.update(routing_metrics(aux, biases))
+        if "counts" in aux:  # routed (token, expert) pairs per token: K, or fewer under top-p
+            n_micro, rows, t1 = batch["tokens"].shape  # [A, b, T+1]
+            metrics["experts_per_token"] = aux["counts"].sum(-1) / (n_micro * rows * (t1 - 1))
+        if self.stage is not None:
+            metrics["phase"] = self.phase(step)
+            if "router_entropy" in aux:
+                metrics["router_entropy"] = aux["router_entropy"]
         new = dict(state, params=params, biases=biases, opt=opt, step=step + 1,
                    rng=jax.random.fold_in(state["rng"], step))
         return new, metrics
@@ -176,7 +224,7 @@ class StepFns:
     # -- eval
     def eval_step(self, state: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
         """(sum of next-token NLL, target count) over a batch [A, b, T+1]."""
-        model = nnx.merge(self.graphdef, state["params"], state["biases"], state["rest"])
+        model = self.model_of(state["params"], state["biases"], self.fixed_parts(state))
         flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
         tok, seg, pos = flat["tokens"], flat["segments"], flat["positions"]
         out = model.forward(tok[:, :-1], pos[:, :-1], mask=doc_mask(seg[:, :-1], pos[:, :-1]))
@@ -197,12 +245,12 @@ def bias_update(biases: nnx.State, counts: dict[tuple, jax.Array], gamma) -> nnx
     return nnx.from_flat_state(list(flat.items()))
 
 
-DETAIL_MAX = 512  # models with at most this many (MoE layer, expert) pairs also log them all
+DETAIL_MAX = 512  # models with at most this many (MoE layer, expert) pairs log them every step
 
 
 def routing_metrics(aux: dict, biases: nnx.State) -> dict[str, Any]:
-    """Per MoE layer: load imbalance max/mean, dead experts, router bias L2 norm; for small
-    models also the global expert counts and the biases themselves ([L_moe, E])."""
+    """Per MoE layer: load imbalance max/mean, dead experts, router bias L2 norm, the global
+    expert counts ([L_moe, E]); for small models also the biases themselves."""
     out = {}
     flat = dict(nnx.to_flat_state(biases))
     b = flat.get(("moe_layers", "ffn", "router", "bias_E"))
@@ -210,10 +258,9 @@ def routing_metrics(aux: dict, biases: nnx.State) -> dict[str, Any]:
         c = aux["counts"]
         out["load_max_over_mean"] = c.max(-1) / jnp.maximum(c.mean(-1), 1e-9)
         out["dead_experts"] = (c == 0).sum(-1)
-        if c.size <= DETAIL_MAX:
-            out["expert_counts"] = c
-            if b is not None:
-                out["router_bias"] = b.get_value()
+        out["expert_counts"] = c  # the trainer writes it every step only up to DETAIL_MAX
+        if c.size <= DETAIL_MAX and b is not None:
+            out["router_bias"] = b.get_value()
     if b is not None:
         out["router_bias_norm"] = jnp.sqrt((b.get_value() ** 2).sum(-1))
     return out
