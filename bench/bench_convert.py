@@ -7,7 +7,8 @@ same run (each in its own child process, 16 MiB buffer, fsync'd): a copy of the 
 and an I/O-matched copy that reads the source and writes as many bytes as the conversion writes
 (FP8 -> bf16 doubles most tensors). Peak RSS is each child's VmHWM (a getrusage in a forked
 child would inherit the parent's high-water mark). Widths are fixed, so every size has the same slab
-sizes: the peak must not grow with the checkpoint.
+sizes: the peak must not grow with the checkpoint. Each size is also converted once with
+JAXMOE_CONVERT_NO_HUGEPAGES=1 (the previous default: 4 KiB pages), for the CPU side by side.
 
     python bench/bench_convert.py --sizes 1 4 --dir /tmp/bench_convert --out /tmp/conv.md
 """
@@ -138,12 +139,18 @@ def bench_size(gb: float, root: str, workers: int) -> dict:
                              env)
             out_bytes = du(out)
             shutil.rmtree(out)
+            # the same conversion without transparent huge pages (the previous default)
+            base = run_child(child(body, [src, out, "--no-progress", "--workers",
+                                          str(workers)]),
+                             dict(env, JAXMOE_CONVERT_NO_HUGEPAGES="1"))
+            shutil.rmtree(out)
         dt, rss, _ = run_child(child(COPY.format(src=src, dst=os.path.join(d, "c"),
                                                  extra=out_bytes - src_bytes)), env)
         runs["copy_io"].append((dt, rss))
         shutil.rmtree(os.path.join(d, "c"))
     conv_s, conv_rss, text = conv
     cpu_s = float(text.split("CPU_S=")[1].split()[0])
+    base_cpu_s = float(base[2].split("CPU_S=")[1].split()[0])
     copy_s = sum(r[0] for r in runs["copy"]) / 2
     io_s = sum(r[0] for r in runs["copy_io"]) / 2
     summary = [line for line in text.splitlines() if line.startswith("converted")]
@@ -155,6 +162,8 @@ def bench_size(gb: float, root: str, workers: int) -> dict:
                 ratio=copy_s / conv_s, ratio_io=io_s / conv_s,
                 convert_peak_rss_gb=conv_rss / 1e9, convert_cpu_s=cpu_s,
                 convert_cpu_s_per_gb=cpu_s / (src_bytes / 1e9),
+                no_thp_s=base[0], no_thp_cpu_s=base_cpu_s, no_thp_peak_rss_gb=base[1] / 1e9,
+                no_thp_cpu_s_per_gb=base_cpu_s / (src_bytes / 1e9),
                 copy_peak_rss_gb=max(r[1] for v in runs.values() for r in v) / 1e9,
                 summary=summary[0] if summary else "")
 
@@ -171,14 +180,17 @@ def main() -> None:
     lines = [f"CPUs: {os.cpu_count()}, workers: {a.workers}; times are whole child processes "
              "(interpreter start, imports and XLA compiles included)", "",
              "| source | output | copy of source | I/O-matched copy | convert | ratio vs copy | "
-             "ratio vs I/O-matched | convert CPU | convert peak RSS | copy peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio vs I/O-matched | convert CPU | convert peak RSS | copy peak RSS | "
+             "without huge pages: time, CPU, peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['size_gb']:.2f} GB | {r['out_gb']:.2f} GB | {r['copy_s']:.1f} s | "
                      f"{r['copy_io_s']:.1f} s | {r['convert_s']:.1f} s ({r['convert_gbs']:.3f} "
                      f"GB/s) | {r['ratio']:.2f} | {r['ratio_io']:.2f} | {r['convert_cpu_s']:.1f} "
                      f"CPU-s ({r['convert_cpu_s_per_gb']:.1f}/GB) | "
-                     f"{r['convert_peak_rss_gb']:.2f} GB | {r['copy_peak_rss_gb']:.2f} GB |")
+                     f"{r['convert_peak_rss_gb']:.2f} GB | {r['copy_peak_rss_gb']:.2f} GB | "
+                     f"{r['no_thp_s']:.1f} s, {r['no_thp_cpu_s']:.1f} CPU-s "
+                     f"({r['no_thp_cpu_s_per_gb']:.1f}/GB), {r['no_thp_peak_rss_gb']:.2f} GB |")
     best = min(r["convert_gbs"] for r in results)
     cpu = max(r["convert_cpu_s_per_gb"] for r in results)
     if len(results) > 1:  # marginal cost, without the fixed start-up (imports, XLA compiles)

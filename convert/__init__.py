@@ -6,4 +6,10 @@ writer (tensorstore zarr on OCDBT, batched commits, journal, atomic install); ex
 Hugging Face format back; synth writes synthetic published-format checkpoints.
 """
 
-from jaxmoe.hf_mapping import Entry, entries  # noqa: F401
+
+def __getattr__(name):  # lazy: `jaxmoe-convert` re-executes itself before importing jax
+    if name in ("Entry", "entries"):
+        from jaxmoe import hf_mapping
+
+        return getattr(hf_mapping, name)
+    raise AttributeError(f"module 'convert' has no attribute {name!r}")

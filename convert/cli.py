@@ -7,8 +7,6 @@ import os
 import sys
 import time
 
-from jaxmoe.safetensors_io import CheckpointError
-
 
 def _size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -104,7 +102,13 @@ def _summary(kind: str, st) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process entry point (tests pass argv and stay in-process)
+        from convert import hugepages
+
+        hugepages.ensure()
     argv = list(sys.argv[1:] if argv is None else argv)
+    from jaxmoe.safetensors_io import CheckpointError  # (after the re-exec: imports jax)
+
     if not os.environ.get("JAX_PLATFORMS"):
         import jax  # the conversion's XLA kernels run on the CPU: leave accelerators alone
 

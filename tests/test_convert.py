@@ -143,6 +143,27 @@ def test_cli_entry_point_help():
     assert r.returncode == 0 and "ORBAX" in r.stdout.upper()
 
 
+_SHOW_TUNABLES = ("import os, sys; from convert import hugepages; hugepages.ensure(); "
+                  "print(os.environ.get('GLIBC_TUNABLES'), 'jax' in sys.modules)")
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ({"JAXMOE_CONVERT_NO_HUGEPAGES": "1"}, "None"),
+])
+def test_entry_point_reexecs_with_huge_pages(env, want):
+    """The process entry re-executes itself once, before jax is imported, with glibc malloc's
+    transparent-huge-page tunable added to (not replacing) GLIBC_TUNABLES."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", "JAXMOE_CONVERT_NO_HUGEPAGES")}
+    r = subprocess.run([sys.executable, "-c", _SHOW_TUNABLES], capture_output=True, text=True,
+                       timeout=60, env=dict(base, **env))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [want, "False"]
+
+
 def test_export_loads_in_transformers(v3, tmp_path):
     """export (float32) -> transformers from_pretrained -> the original model's logits."""
     import torch
