@@ -48,8 +48,12 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    name: str = "auto"                  # 'auto' | 'data' today; pjit_configs presets later
-    data: int = -1                      # data-parallel shards; -1 = every device
+    name: str = "auto"                  # 'auto' | 'data' | a pjit_configs preset (cpu-8, v5p-1024,
+                                        # h100-<N>x8, ...: parameters + optimizer state sharded)
+    data: int = -1                      # 'auto'/'data' mesh: data-parallel shards; -1 = all
+    ep: str = ""                        # preset's expert-parallel variant override: a2a_fixed |
+                                        # ragged_a2a | allgather | none ('' = the preset's)
+    capacity_factor: float = 0.0        # a2a_fixed buffer = factor x mean load (0: preset's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,23 @@ class LogSection:
     tensorboard: bool = True            # event files in WORKDIR/tb
     peak_tflops: float = 0.0            # per-device peak for MFU (0: table / measured on CPU)
     sample_bytes: int = 200             # generated sample at the end (byte-level corpora; 0: off)
+    counts_every: int = 0               # models > 512 (layer, expert) pairs: expert_counts every N
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 0                       # adapter rank; 0 = full fine-tuning (guide: 16)
+    alpha: float = 32.0                 # adapters scaled by alpha / rank (guide: 32)
+    dropout: float = 0.1                # on the adapters' input features (jaxmoe/lora/attach.py)
+    targets: str = "q,q_a,q_b,kv_a,kv_b,o"  # MLA projections; also shared, experts, mlp
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSection:
+    enabled: bool = False               # staged MoE training (jaxmoe/train/staged.py)
+    warmup: float = 0.1                 # fraction of steps with the router frozen
+    joint: float = 0.7                  # then all parameters, clipped; the rest: sparsify
+    sparsity_weight: float = 0.01       # sparsify phase: + weight x router score entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +154,8 @@ class TrainConfig:
     ckpt: CheckpointSection = CheckpointSection()
     log: LogSection = LogSection()
     dist: DistSection = DistSection()
+    lora: LoraSection = LoraSection()
+    stage: StageSection = StageSection()
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -163,9 +186,16 @@ class TrainConfig:
              f"must be divisible by data.grad_accum={d.grad_accum}")
         need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         need(d.eval_batches >= 0, "data.eval_batches", "must be >= 0")
-        need(self.mesh.name in MESHES, "mesh.name",
-             f"unknown mesh preset; available now: {MESHES} (pjit_configs presets are not built yet)")
+        import pjit_configs
+
+        need(self.mesh.name in MESHES or _is_preset(self.mesh.name), "mesh.name",
+             f"unknown mesh preset; known: {list(MESHES) + pjit_configs.names()}")
         need(self.mesh.data == -1 or self.mesh.data > 0, "mesh.data", "must be -1 or positive")
+        need(self.mesh.data == -1 or self.mesh.name in MESHES, "mesh.data",
+             f"sizes the 'auto'/'data' mesh only; preset {self.mesh.name!r} fixes its shape")
+        need(self.mesh.ep in ("",) + pjit_configs.mesh.EP_CHOICES, "mesh.ep",
+             f"must be one of {pjit_configs.mesh.EP_CHOICES} (or empty: the preset's)")
+        need(self.mesh.capacity_factor >= 0, "mesh.capacity_factor", "must be >= 0 (0: preset's)")
         need(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}")
         need(o.lr > 0, "optim.lr", "must be positive")
         need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -178,11 +208,50 @@ class TrainConfig:
              "every >= 0 and keep >= 1")
         need(lg.every >= 1, "log.every", "must be >= 1")
         need(lg.eval_every >= 0, "log.eval_every", "must be >= 0")
+        need(lg.counts_every >= 0, "log.counts_every", "must be >= 0 (0: never)")
         need(self.dist.num_processes >= 1, "dist.num_processes", "must be >= 1")
         need(0 <= self.dist.process_id < self.dist.num_processes, "dist.process_id",
              f"must be in [0, {self.dist.num_processes})")
+        la, st = self.lora, self.stage
+        need(la.rank >= 0, "lora.rank", "must be >= 0 (0: full fine-tuning)")
+        if la.rank:
+            from jaxmoe.lora import TARGETS
+            need(la.alpha > 0, "lora.alpha", "must be positive")
+            need(0.0 <= la.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+            targets = [t.strip() for t in la.targets.split(",") if t.strip()]
+            need(bool(targets) and all(t in TARGETS for t in targets), "lora.targets",
+                 f"comma-separated names from {list(TARGETS)}")
+        if st.enabled:
+            need(0.0 <= st.warmup < 1.0, "stage.warmup", "must be in [0, 1)")
+            need(0.0 <= st.joint and st.warmup + st.joint <= 1.0, "stage.joint",
+                 f"must be >= 0 with stage.warmup + stage.joint <= 1 (warmup {st.warmup})")
+            need(st.sparsity_weight >= 0, "stage.sparsity_weight", "must be >= 0")
+            need(o.clip_norm > 0, "optim.clip_norm", "staged training clips its joint phase: > 0")
         model_overrides(self)  # parses and type-checks the architecture overrides
         return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of to_dict (e.g. a run's WORKDIR/config.json); unknown keys are an error."""
+        kw = {}
+        for name, typ in _fields(cls).items():
+            if name not in d:
+                continue
+            kw[name] = typ(**d[name]) if dataclasses.is_dataclass(typ) else d[name]
+        extra = set(d) - set(kw)
+        if extra:
+            raise TrainConfigError(f"run config: unknown field(s) {sorted(extra)}")
+        return cls(**kw)
+
+
+def _is_preset(name: str) -> bool:
+    import pjit_configs
+
+    try:
+        pjit_configs.get(name)
+        return True
+    except pjit_configs.PresetError:
+        return False
 
 
 def _get(cfg, dotted: str):
@@ -243,6 +312,21 @@ def v2_lite_finetune() -> TrainConfig:
         data=DataSection(source="jsonl", seq_len=2048, batch_size=64),
         optim=OptimSection(lr=1e-5, warmup_steps=50),
         loss=LossSection(mtp_weight=0.0, bias_update_speed=0.0),
+        log=LogSection(eval_every=100, sample_bytes=0))
+
+
+@register
+def v2_lite_lora() -> TrainConfig:
+    """LoRA on a converted DeepSeek-V2-Lite (the guide's rank 16, alpha 32, dropout 0.1 on the
+    MLA projections); pass --model.init_from and --data.*; `jaxmoe-train merge` folds it in."""
+    return TrainConfig(
+        name="v2-lite-lora", steps=1000, workdir="runs/v2-lite-lora",
+        model=ModelSection(preset="deepseek_v2_lite", dtype="bfloat16", param_dtype="bfloat16",
+                           remat=True),
+        data=DataSection(source="jsonl", seq_len=2048, batch_size=64),
+        optim=OptimSection(lr=2e-4, warmup_steps=50, weight_decay=0.0),
+        loss=LossSection(mtp_weight=0.0, bias_update_speed=0.0),
+        lora=LoraSection(rank=16),
         log=LogSection(eval_every=100, sample_bytes=0))
 
 

@@ -17,17 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 import jaxmoe
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.layers.params import RouterBias
+from jaxmoe.parallel import distributed
+from jaxmoe.parallel.sharding import Layout
 from jaxmoe.train import data as data_lib
 from jaxmoe.train import metrics as metrics_lib
-from jaxmoe.train.checkpoint import Checkpointer
+from jaxmoe.train.checkpoint import Checkpointer, saved_part
 from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
 from jaxmoe.train.optim import make_optimizer
-from jaxmoe.train.step import StepFns
+from jaxmoe.train.step import DETAIL_MAX, StepFns
 
 DATA_AXIS = "data"
 
@@ -46,20 +48,14 @@ def setup_jax(cfg: TrainConfig) -> None:
 
 
 def init_distributed(cfg: TrainConfig) -> None:
-    """Before any other JAX call. `--dist.coordinator auto` lets JAX detect the cluster
-    (TPU pods, SLURM, ...); host:port with num_processes/process_id sets it up by hand."""
+    """Before any other JAX call: `--dist.*` flags, else JAXMOE_* variables, else a detected
+    TPU pod / SLURM / MPI cluster (jaxmoe/parallel/distributed.py); else one process."""
     d = cfg.dist
-    if not d.coordinator:
-        return
     try:
-        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
-    except Exception:  # older/newer JAX without the option: CPU multi-process unsupported
-        pass
-    if d.coordinator == "auto":
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(coordinator_address=d.coordinator,
-                                   num_processes=d.num_processes, process_id=d.process_id)
+        distributed.init_distributed(d.coordinator, d.num_processes, d.process_id,
+                                     d.cpu_collectives)
+    except distributed.DistributedError as e:
+        raise TrainConfigError(f"--dist.coordinator: {e}") from None
 
 
 # ------------------------------------------------------------------------------ planning
@@ -70,11 +66,32 @@ class Plan:
     mesh: Mesh
     train: data_lib.Corpus
     eval: data_lib.Corpus
+    layout: Layout | None = None   # mesh + logical rules + EP spec (pjit_configs preset)
+
+
+def build_layout(cfg: TrainConfig) -> Layout:
+    """`--mesh.name auto|data`: one 'data' axis over every device (batch sharded, parameters
+    replicated); any other name: that pjit_configs preset (parameters and optimizer state
+    sharded by its rules, experts parallel per its `ep` or `--mesh.ep`)."""
+    import pjit_configs
+
+    m = cfg.mesh
+    if m.name not in ("auto", "data"):
+        preset = pjit_configs.get(m.name)
+        if m.ep:
+            preset = preset.replace(ep=m.ep)
+        if m.capacity_factor:
+            preset = preset.replace(capacity_factor=m.capacity_factor)
+        try:
+            return preset.layout()
+        except pjit_configs.PresetError as e:
+            raise TrainConfigError(f"--mesh.name={m.name!r}: {e}") from None
+    n = build_mesh(cfg).size
+    return pjit_configs.MeshPreset(m.name, pjit_configs.presets.SLICE, data=n).layout()
 
 
 def build_mesh(cfg: TrainConfig) -> Mesh:
-    """Today: one 'data' axis over every device (batch sharded, params replicated). Mesh
-    presets from pjit_configs will plug in here by `--mesh.name`."""
+    """The 'auto'/'data' mesh's check: one 'data' axis over every device."""
     devices = jax.devices()
     n = len(devices)
     want = n if cfg.mesh.data == -1 else cfg.mesh.data
@@ -113,8 +130,9 @@ def prepare(cfg: TrainConfig) -> Plan:
     mcfg = resolve_model_config(cfg)
     d = cfg.data
     data_lib.check_paths(d)
-    mesh = build_mesh(cfg)
-    n_data = mesh.shape[DATA_AXIS]
+    layout = build_layout(cfg)
+    mesh = layout.mesh
+    n_data = layout.batch_shards
     per_micro = d.batch_size // d.grad_accum
     if per_micro % n_data:
         raise TrainConfigError(
@@ -125,19 +143,39 @@ def prepare(cfg: TrainConfig) -> Plan:
         raise TrainConfigError(f"--data.seq_len={d.seq_len}: longer than the model's "
                                f"max_position_embeddings={mcfg.max_position_embeddings}")
     train, ev = data_lib.load_corpora(d, mcfg.vocab_size)
-    return Plan(cfg, mcfg, mesh, train, ev)
+    return Plan(cfg, mcfg, mesh, train, ev, layout)
 
 
 # ------------------------------------------------------------------------------- state
 def split_model(model):
+    from jaxmoe import lora
+
+    if lora.has_adapters(model):  # LoRA: only the adapters train; the base is "frozen"
+        graphdef, params, biases, frozen, rest = nnx.split(model, nnx.LoRAParam, RouterBias,
+                                                           nnx.Param, ...)
+        return graphdef, {"params": params, "biases": biases, "frozen": frozen, "rest": rest}
     graphdef, params, biases, rest = nnx.split(model, nnx.Param, RouterBias, ...)
     return graphdef, {"params": params, "biases": biases, "rest": rest}
 
 
-def init_state(plan: Plan, tx, replicated: NamedSharding):
+def attach_lora(model, cfg: TrainConfig):
+    """`--lora.rank > 0`: put the adapters on `model` (in place; abstract models too)."""
+    if cfg.lora.rank:
+        from jaxmoe import lora
+
+        spec = lora.LoraSpec(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout,
+                             lora.LoraSpec.parse_targets(cfg.lora.targets),
+                             mtp=cfg.loss.mtp_weight > 0)
+        lora.attach(model, spec, jax.random.key(cfg.seed + 1))
+    return model
+
+
+def init_state(plan: Plan, tx, replicated: NamedSharding | None = None):
     """(graphdef, train state on the mesh). Parameters come from `--model.init_from`, from a
     numpy init on the host (small models: no init program to compile), or from the model's own
-    init jitted with the output shardings (every process builds only its shards)."""
+    init jitted with the output shardings (every process builds only its shards). Shardings:
+    per leaf from the layout's rules (parameters and optimizer state alike), or the one
+    `replicated` sharding given."""
     cfg = plan.cfg
 
     def finish(parts):
@@ -149,21 +187,28 @@ def init_state(plan: Plan, tx, replicated: NamedSharding):
                                    moe_impl=plan.mcfg.moe_impl)
         plan.mcfg = plan.mcfg.replace(
             num_nextn_predict_layers=loaded.cfg.num_nextn_predict_layers)
+        attach_lora(loaded, cfg)
     mcfg = plan.mcfg
 
     def build():
-        return jaxmoe.DeepseekV3(mcfg, rngs=nnx.Rngs(cfg.seed), remat=cfg.model.remat)
+        return attach_lora(jaxmoe.DeepseekV3(mcfg, rngs=nnx.Rngs(cfg.seed), remat=cfg.model.remat),
+                           cfg)
 
     graphdef, abstract = split_model(nnx.eval_shape(build))
+    if replicated is not None:
+        part_sh = state_sh = replicated
+    else:
+        part_sh = plan.layout.shardings(abstract)
+        state_sh = plan.layout.shardings(jax.eval_shape(finish, abstract))
     if cfg.model.init_from:
         _, parts = split_model(loaded)
-        return graphdef, jax.jit(finish, out_shardings=replicated)(
-            jax.device_put(parts, replicated))
+        return graphdef, jax.jit(finish, out_shardings=state_sh)(
+            jax.device_put(parts, part_sh))
     n_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     if cfg.model.init == "host" or (cfg.model.init == "auto" and n_bytes < HOST_INIT_BYTES):
-        parts = jax.device_put(host_init(abstract, mcfg, cfg.seed), replicated)
-        return graphdef, jax.jit(finish, out_shardings=replicated)(parts)
-    return graphdef, jax.jit(lambda: finish(split_model(build())[1]), out_shardings=replicated)()
+        parts = jax.device_put(host_init(abstract, mcfg, cfg.seed), part_sh)
+        return graphdef, jax.jit(finish, out_shardings=state_sh)(parts)
+    return graphdef, jax.jit(lambda: finish(split_model(build())[1]), out_shardings=state_sh)()
 
 
 HOST_INIT_BYTES = 2 << 30
@@ -181,6 +226,11 @@ def host_init(parts: dict, mcfg: ModelConfig, seed: int) -> dict:
         leaf = [p for p in name.split(".") if p != "value"][-1]
         if leaf == "scale":
             a = np.ones(x.shape, np.float32)
+        elif leaf == "lora_b":  # LoRA: B = 0 (the adapted model starts as the base)
+            a = np.zeros(x.shape, np.float32)
+        elif leaf == "lora_a":  # PEFT's A ~ U(-1/sqrt(in), 1/sqrt(in)), A [.., in, r]
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            a = rng.uniform(-1, 1, x.shape).astype(np.float32) / np.sqrt(x.shape[-2])
         elif leaf.startswith("bias"):
             a = np.zeros(x.shape, np.float32)
         else:
@@ -191,8 +241,14 @@ def host_init(parts: dict, mcfg: ModelConfig, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(one, parts)
 
 
-def abstract_of(state, sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+def describe_mesh(mesh: Mesh) -> str:
+    return "{" + ", ".join(f"{a}: {n}" for a, n in mesh.shape.items() if n > 1) + "}"
+
+
+def abstract_of(state, sharding=None):
+    """Shapes of `state` with `sharding` (default: each leaf's own, as placed)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=sharding or x.sharding), state)
 
 
 # --------------------------------------------------------------------------- preemption
@@ -227,22 +283,38 @@ def run(cfg: TrainConfig) -> dict:
     setup_jax(cfg)
     init_distributed(cfg)
     plan = prepare(cfg)
+    with plan.layout.scope():  # traced steps: activation rules + expert-parallel MoE
+        return _run(cfg, plan)
+
+
+def _run(cfg: TrainConfig, plan: Plan) -> dict:
     mesh, d = plan.mesh, cfg.data
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
-    tx, lr_fn = make_optimizer(cfg.optim, cfg.steps)
+    replicated = plan.layout.replicated
+    batch_sharding = plan.layout.batch_sharding(batch_dim=1)  # [A, B, T+1]: rows split
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.steps, cfg.stage)
     t0 = time.perf_counter()
-    graphdef, state = init_state(plan, tx, replicated)
+    graphdef, state = init_state(plan, tx)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
     mcfg = plan.mcfg
-    fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr_fn, cfg.steps)
+    fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr_fn, cfg.steps, lora=bool(cfg.lora.rank),
+                  lora_dropout=cfg.lora.dropout, stage=cfg.stage)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    if cfg.lora.rank:
+        n_base = sum(x.size for x in jax.tree.leaves(state["frozen"]))
+        log(f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout} on "
+            f"{cfg.lora.targets}: {n_params:,} adapter parameters train, {n_base:,} base "
+            f"parameters frozen; checkpoints hold the adapters only")
+    if cfg.stage.enabled:
+        from jaxmoe.train.staged import describe
+
+        log(describe(cfg.stage, cfg.steps))
     with_mtp = fns.use_mtp
     flops_tok = metrics_lib.train_flops_per_token(mcfg, d.seq_len, with_mtp)
     peak, peak_src = metrics_lib.peak_tflops(jax.devices(), mcfg.dtype, cfg.log.peak_tflops)
     log(f"jaxmoe-train {cfg.name}: {n_params / 1e6:.2f}M params "
         f"({metrics_lib.active_matmul_params(mcfg, with_mtp) / 1e6:.2f}M active matmul), "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
-        f"process(es), mesh {dict(mesh.shape)}; data {plan.train.name}: "
+        f"process(es), mesh {plan.layout.name} {describe_mesh(mesh)}; data {plan.train.name}: "
         f"{len(plan.train.tokens):,} train / {len(plan.eval.tokens):,} eval tokens; "
         f"batch {d.batch_size} x {d.seq_len} (x{d.grad_accum} accum); peak {peak_src}")
     log(f"losses: mtp lambda {cfg.loss.mtp_weight if fns.use_mtp else 'off'}, balance alpha "
@@ -254,7 +326,8 @@ def run(cfg: TrainConfig) -> dict:
     consumed, start = 0, 0
     latest = ckpt.latest_step() if cfg.ckpt.resume else None
     if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_of(state, replicated))
+        restored, meta = ckpt.restore(latest, abstract_of(saved_part(state)))
+        state = dict(state, **restored)
         consumed, start = int(meta["data"]["consumed"]), int(latest)
         if meta["data"].get("fingerprint") != plan.train.fingerprint:
             log(f"warning: the training data differ from the checkpoint's "
@@ -277,7 +350,7 @@ def run(cfg: TrainConfig) -> dict:
                                    shuffle=False)
                    if plan.eval.n_rows(d.seq_len) > 0 and d.eval_batches > 0 else None)
     jstep = jax.jit(fns.train_step, donate_argnums=(0,),
-                    out_shardings=(replicated, replicated))
+                    out_shardings=(state_sh, replicated))
     jeval = jax.jit(fns.eval_step, out_shardings=replicated)
 
     def evaluate(st):
@@ -315,6 +388,9 @@ def run(cfg: TrainConfig) -> dict:
 
     def emit(rec: dict) -> None:
         nonlocal last
+        if np.size(rec.get("expert_counts", ())) > DETAIL_MAX and not (
+                cfg.log.counts_every and rec["step"] % cfg.log.counts_every == 0):
+            rec.pop("expert_counts")  # large models: every --log.counts_every steps (report.py)
         writer.write(rec)
         rec = {k: (v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v)
                for k, v in rec.items()}
@@ -348,7 +424,7 @@ def run(cfg: TrainConfig) -> dict:
                 emit(ready(pending))
                 pending = None
             if step == cfg.steps or preempted or chunk_done:
-                ckpt.save(step, state, meta_of(consumed), force=True)
+                ckpt.save(step, saved_part(state), meta_of(consumed), force=True)
                 if preempted or chunk_done:
                     ckpt.wait()
                     why = f"preempted (signal {stop.signum})" if preempted else \
@@ -356,7 +432,7 @@ def run(cfg: TrainConfig) -> dict:
                     log(f"{why}: saved step {step} to {ckpt.directory}; exiting")
                     break
             else:
-                ckpt.save(step, state, meta_of(consumed))
+                ckpt.save(step, saved_part(state), meta_of(consumed))
         if pending is not None:
             emit(ready(pending))
         ckpt.close()
@@ -366,7 +442,7 @@ def run(cfg: TrainConfig) -> dict:
     if step == cfg.steps and stop.signum is None and cfg.log.sample_bytes and plan.train.byte_level:
         from jaxmoe.train.sample import generate_text
 
-        model = nnx.merge(graphdef, state["params"], state["biases"], state["rest"])
+        model = fns.model_of(state["params"], state["biases"], fns.fixed_parts(state))
         text = generate_text(model, b"def ", cfg.log.sample_bytes, state["rng"])
         log("sample (temperature 0.8, prompt 'def '):\n" + text)
     return last

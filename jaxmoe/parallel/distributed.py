@@ -1,0 +1,137 @@
+"""Multi-host set-up: `jax.distributed.initialize` from flags, environment or auto-detection,
+and global arrays from the rows each process loads itself.
+
+Where the coordinator comes from, first match wins:
+1. explicit arguments (the trainer's `--dist.coordinator host:port --dist.num_processes N
+   --dist.process_id i`), `coordinator="auto"` asks JAX to detect the cluster;
+2. JAXMOE_COORDINATOR / JAXMOE_NUM_PROCESSES / JAXMOE_PROCESS_ID (what a launcher exports);
+3. auto-detection: a multi-host TPU slice or multi-slice job (TPU_WORKER_HOSTNAMES with more
+   than one host, MEGASCALE_COORDINATOR_ADDRESS), SLURM with more than one task, or Open MPI
+   (OMPI_COMM_WORLD_SIZE > 1): JAX's own cluster detection then fills in every value.
+Nothing found: a single process, no initialisation. Must run before any other JAX call that
+touches devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import numpy as np
+
+ENV_COORDINATOR = "JAXMOE_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXMOE_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXMOE_PROCESS_ID"
+
+
+class DistributedError(ValueError):
+    """Inconsistent multi-host settings; the message names the flag or variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistPlan:
+    """What `initialize` will do: `mode` is 'single', 'explicit' or 'auto' (JAX detects)."""
+
+    mode: str
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    source: str = ""
+
+    def describe(self) -> str:
+        if self.mode == "single":
+            return "single process"
+        if self.mode == "auto":
+            return f"cluster auto-detected by JAX ({self.source})"
+        return (f"process {self.process_id} of {self.num_processes}, coordinator "
+                f"{self.coordinator} ({self.source})")
+
+
+def detect_cluster(env: Mapping[str, str]) -> str | None:
+    """The name of a multi-process launcher JAX can auto-configure, from the environment."""
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return f"TPU pod slice, {len(hosts)} hosts"
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "TPU multi-slice (megascale)"
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return f"SLURM, {env['SLURM_NTASKS']} tasks"
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return f"Open MPI, {env['OMPI_COMM_WORLD_SIZE']} ranks"
+    return None
+
+
+def resolve(coordinator: str = "", num_processes: int | None = None,
+            process_id: int | None = None, env: Mapping[str, str] | None = None) -> DistPlan:
+    """Decide how to initialise (no side effects; see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    if coordinator == "auto":
+        return DistPlan("auto", source="--dist.coordinator auto")
+    source = "flags"
+    if not coordinator and env.get(ENV_COORDINATOR):
+        coordinator, source = env[ENV_COORDINATOR], f"${ENV_COORDINATOR}"
+        try:
+            num_processes = int(env.get(ENV_NUM_PROCESSES, ""))
+            process_id = int(env.get(ENV_PROCESS_ID, ""))
+        except ValueError:
+            raise DistributedError(
+                f"${ENV_COORDINATOR}={coordinator!r} needs integer ${ENV_NUM_PROCESSES} and "
+                f"${ENV_PROCESS_ID} (found {env.get(ENV_NUM_PROCESSES)!r}, "
+                f"{env.get(ENV_PROCESS_ID)!r})") from None
+    if coordinator:
+        if ":" not in coordinator:
+            raise DistributedError(f"coordinator {coordinator!r} ({source}): expected host:port "
+                                   "or 'auto'")
+        if num_processes is None or process_id is None or not 0 <= process_id < num_processes:
+            raise DistributedError(f"coordinator {coordinator!r} ({source}): process id "
+                                   f"{process_id} must be in [0, num_processes={num_processes})")
+        return DistPlan("explicit", coordinator, num_processes, process_id, source)
+    found = detect_cluster(env)
+    return DistPlan("auto", source=found) if found else DistPlan("single")
+
+
+def init_distributed(coordinator: str = "", num_processes: int | None = None,
+                     process_id: int | None = None, cpu_collectives: str = "gloo",
+                     env: Mapping[str, str] | None = None) -> DistPlan:
+    """Resolve and call `jax.distributed.initialize` (once; a no-op for a single process).
+    `cpu_collectives` picks the cross-process collectives of the CPU backend (gloo or mpi)."""
+    import jax
+
+    plan = resolve(coordinator, num_processes, process_id, env)
+    if plan.mode == "single":
+        return plan
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    except Exception:  # a JAX without the option: CPU multi-process unsupported, others fine
+        pass
+    if plan.mode == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=plan.coordinator,
+                                   num_processes=plan.num_processes, process_id=plan.process_id)
+    return plan
+
+
+def global_array(local: np.ndarray, sharding, global_shape: tuple[int, ...] | None = None):
+    """A global jax.Array from this process's rows: `local` holds the slice of the global
+    array that this process's devices address (rows split over the batch axes), as each
+    process's data loader reads only its own rows. `global_shape` defaults to `local` times
+    the number of processes along axis 0 of the sharded dimension."""
+    import jax
+
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def process_rows(sharding, global_shape: tuple[int, ...], dim: int = 0) -> slice:
+    """The contiguous rows (along `dim`) of a global array that this process's devices hold."""
+    import jax
+
+    idx = sharding.addressable_devices_indices_map(global_shape)
+    spans = [s[dim].indices(global_shape[dim])[:2] for s in idx.values()]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = sum(b - a for a, b in {tuple(s) for s in spans})
+    if covered != hi - lo:
+        raise DistributedError(f"process {jax.process_index()}: its rows along dim {dim} are not "
+                               f"contiguous ({sorted(set(map(tuple, spans)))})")
+    return slice(lo, hi)
