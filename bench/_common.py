@@ -26,3 +26,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def _configs_path() -> str:
+    """bench_configs.json: the shared copy beside the repository if present, else the repository's."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shared = os.path.join(repo, "..", "shared", "bench", "bench_configs.json")
+    return shared if os.path.isfile(shared) else os.path.join(repo, "bench", "bench_configs.json")
+
+
+CONFIGS = _configs_path()

@@ -26,9 +26,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+CONFIGS = _common.CONFIGS
 
 MARK_BEGIN, MARK_END = "<!-- bench_finetune:begin -->", "<!-- bench_finetune:end -->"
 
@@ -118,7 +118,7 @@ def run_topp(args, log) -> dict:
     import numpy as np
 
     from jaxmoe.train import trainer
-    from jaxmoe.train.config import parse_args
+    from jaxmoe.train.flags import parse_args
     from jaxmoe.train.metrics import read_metrics
 
     base = ["--config", "tiny", "--steps", str(args.steps), "--loss.mtp_weight", "0",

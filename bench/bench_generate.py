@@ -35,10 +35,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import _common  # noqa: E402
+CONFIGS = _common.CONFIGS
 
 MARK_BEGIN, MARK_END = "<!-- bench_generate:begin -->", "<!-- bench_generate:end -->"
 

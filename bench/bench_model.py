@@ -47,9 +47,9 @@ import time
 import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+DEFAULT_CONFIGS = _common.CONFIGS
 
 MARK_BEGIN = "<!-- bench_model:begin -->"
 MARK_END = "<!-- bench_model:end -->"

@@ -28,9 +28,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, "..", "shared", "bench", "bench_configs.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+CONFIGS = _common.CONFIGS
 
 MARK_BEGIN, MARK_END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
 MM_N = 2048

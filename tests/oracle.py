@@ -98,12 +98,17 @@ _BENCH_NAMES = ("bench-tiny", "bench-small")
 
 
 def bench_configs_path() -> Path:
-    """<repo>/../shared/bench/bench_configs.json (override with $JAXMOE_BENCH_CONFIGS)."""
+    """$JAXMOE_BENCH_CONFIGS, else <repo>/../shared/bench/bench_configs.json when present, else the
+    repository's copy bench/bench_configs.json (tests check the copy equals the shared file)."""
     env = os.environ.get("JAXMOE_BENCH_CONFIGS")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    return repo.parent / "shared" / "bench" / "bench_configs.json"
+    shared = SHARED_BENCH_CONFIGS
+    return shared if shared.is_file() else REPO_BENCH_CONFIGS
+
+
+REPO_BENCH_CONFIGS = Path(__file__).resolve().parents[1] / "bench" / "bench_configs.json"
+SHARED_BENCH_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "bench_configs.json"
 
 
 class _Configs(dict):

@@ -155,7 +155,7 @@ def converted(tmp_path_factory):
 
 def test_lora_run_from_converted_checkpoint_merge_and_export(converted, tmp_path):
     from convert.cli import main as convert_main
-    from jaxmoe.train.config import parse_args
+    from jaxmoe.train.flags import parse_args
     from jaxmoe.train.merge import main as merge_main, trained_model
     from jaxmoe.train.metrics import read_metrics
 

@@ -115,7 +115,8 @@ def test_ep_scope_from_preset_and_constrain():
 
 def test_trainer_mesh_flag_errors_name_preset_and_devices():
     from jaxmoe.train import trainer
-    from jaxmoe.train.config import TrainConfigError, parse_args
+    from jaxmoe.train.config import TrainConfigError
+    from jaxmoe.train.flags import parse_args
 
     with pytest.raises(TrainConfigError, match="unknown mesh preset.*cpu-8"):
         parse_args(["--config", "tiny-debug", "--mesh.name", "tpu-9000"])

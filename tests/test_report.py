@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxmoe import report
 from jaxmoe.train import trainer
-from jaxmoe.train.config import parse_args
+from jaxmoe.train.flags import parse_args
 from jaxmoe.train.metrics import read_metrics
 
 

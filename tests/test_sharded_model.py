@@ -59,7 +59,7 @@ def test_trainer_state_is_sharded_by_the_preset(tmp_path):
     (FSDP x EP x TP), with the same values as the replicated init; the batch is split over the
     preset's batch axes."""
     from jaxmoe.train import trainer
-    from jaxmoe.train.config import parse_args
+    from jaxmoe.train.flags import parse_args
     from jaxmoe.train.optim import make_optimizer
 
     cfg = parse_args(["--config", "tiny-debug", "--mesh.name", "cpu-8",

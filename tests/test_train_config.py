@@ -9,7 +9,8 @@ import time
 import pytest
 
 from jaxmoe.train import trainer
-from jaxmoe.train.config import TrainConfigError, get_run, parse_args
+from jaxmoe.train.config import TrainConfigError, get_run
+from jaxmoe.train.flags import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,3 +86,17 @@ def test_named_runs_validate():
                                                         "tokenizer": "y"}))
         cfg.validate()
         trainer.resolve_model_config(cfg)
+
+
+def test_init_from_refuses_shape_changing_overrides(tmp_path):
+    import parity_util as pu
+
+    ckpt = str(pu.saved("v3"))
+    base = ["--model.init_from", ckpt, "--workdir", str(tmp_path), "--data.seq_len", "16",
+            "--data.batch_size", "8"]
+    with pytest.raises(TrainConfigError, match=r"init_from.*num_hidden_layers"):
+        trainer.resolve_model_config(parse_args(["--config", "tiny", "--model.overrides", "num_hidden_layers=1"] + base))
+    # runtime-only overrides keep the checkpoint's shapes and are accepted
+    mcfg = trainer.resolve_model_config(parse_args(["--config", "tiny", "--model.overrides", "moe_impl=dense"] + base))
+    assert mcfg.moe_impl == "dense"
+    assert mcfg.num_hidden_layers == pu.load(pu.saved("v3")).cfg.num_hidden_layers

@@ -14,7 +14,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxmoe.train.config import TrainConfigError, parse_args
+    from jaxmoe.train.config import TrainConfigError
+    from jaxmoe.train.flags import parse_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:  # jaxmoe-train merge WORKDIR OUT_DIR (jaxmoe/train/merge.py)

@@ -1,5 +1,5 @@
-"""`TrainConfig`: one typed, frozen description of a training run, a registry of named runs, and
-the command line that selects a run by name and overrides any field.
+"""`TrainConfig`: one typed, frozen description of a training run and a registry of named runs;
+the command line that selects a run by name and overrides any field is `jaxmoe.train.flags`.
 
     jaxmoe-train --config tiny --steps 50 --workdir /tmp/run --optim.lr 1e-3 --data.batch_size 32
 
@@ -14,11 +14,7 @@ before anything is compiled.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import json
-import sys
 import types
 import typing
 from typing import Any, Callable
@@ -337,7 +333,11 @@ def get_run(name: str) -> TrainConfig:
     return RUNS[key]()
 
 
-# ------------------------------------------------------------------------ typed overrides
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _parse_value(text: str, typ, flag: str):
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -362,41 +362,6 @@ def _parse_value(text: str, typ, flag: str):
         raise TrainConfigError(f"--{flag}={text!r}: not a valid {typ.__name__} ({e})") from None
 
 
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def flag_table(cfg: TrainConfig) -> dict[str, tuple[str | None, str, Any]]:
-    """flag -> (section or None, field, type) for every leaf field."""
-    out = {}
-    for name, typ in _fields(TrainConfig).items():
-        if dataclasses.is_dataclass(typ):
-            for sub, styp in _fields(typ).items():
-                out[f"{name}.{sub}"] = (name, sub, styp)
-        else:
-            out[name] = (None, name, typ)
-    return out
-
-
-def apply_overrides(cfg: TrainConfig, pairs: list[tuple[str, str]]) -> TrainConfig:
-    table = flag_table(cfg)
-    for flag, text in pairs:
-        key = flag.replace("-", "_")
-        if key not in table:
-            close = [f for f in table if f.split(".")[-1] == key.split(".")[-1]]
-            hint = f"; did you mean --{close[0]}?" if close else ""
-            raise TrainConfigError(f"unknown flag --{flag}{hint} (see --help)")
-        section, field, typ = table[key]
-        value = _parse_value(text, typ, key)
-        if section is None:
-            cfg = dataclasses.replace(cfg, **{field: value})
-        else:
-            sec = dataclasses.replace(getattr(cfg, section), **{field: value})
-            cfg = dataclasses.replace(cfg, **{section: sec})
-    return cfg
-
-
 def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """`--model.overrides "a=1,b=x"` parsed by ModelConfig's field types."""
     text = cfg.model.overrides.strip()
@@ -412,64 +377,3 @@ def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
             raise TrainConfigError(f"--model.overrides: ModelConfig has no field {k!r}")
         out[k] = _parse_value(v, types_[k], f"model.overrides {k}")
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _describe(section: str | None) -> dict[str, str]:
-    """Field comments from the source (shown in --help)."""
-    import inspect
-    cls = TrainConfig if section is None else _fields(TrainConfig)[section]
-    out = {}
-    try:
-        for line in inspect.getsource(cls).splitlines():
-            line = line.strip()
-            if ":" in line and "#" in line and not line.startswith("#"):
-                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
-    except (OSError, TypeError):
-        pass
-    return out
-
-
-def build_parser(cfg: TrainConfig) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="jaxmoe-train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=("Train a jaxmoe DeepseekV3. Pick a run with --config, override any field.\n"
-                     f"runs: {', '.join(sorted(RUNS))}; defaults below are run "
-                     f"{cfg.name!r}."),
-        epilog="example: jaxmoe-train --config tiny --steps 50 --workdir /tmp/run")
-    ap.add_argument("--config", default=cfg.name, help="named run (default %(default)s)")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    groups: dict[str | None, Any] = {}
-    for flag, (section, field, typ) in flag_table(cfg).items():
-        if section not in groups:
-            groups[section] = ap.add_argument_group(section or "run")
-        desc = _describe(section).get(field, "")
-        default = getattr(cfg if section is None else getattr(cfg, section), field)
-        tname = getattr(typ, "__name__", str(typ))
-        names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
-        groups[section].add_argument(*names, dest=flag, metavar=tname.upper(), default=None,
-                                     help=f"{desc} (default: {default!r})".strip())
-    return ap
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """argv -> a validated TrainConfig (raises TrainConfigError; exits for --help)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="tiny")
-    known, _ = pre.parse_known_args(argv)
-    cfg = get_run(known.config)
-    args, unknown = build_parser(cfg).parse_known_args(argv)
-    if unknown:
-        flag = unknown[0].split("=", 1)[0]
-        if not flag.startswith("--"):
-            raise TrainConfigError(f"unexpected argument {flag!r} (flags are --section.field VALUE)")
-        apply_overrides(cfg, [(flag[2:], "")])  # raises, naming the closest flag
-        raise TrainConfigError(f"unknown flag {flag} (see --help)")
-    pairs = [(flag, v) for flag, v in vars(args).items()
-             if v is not None and flag not in ("config", "print_config")]
-    cfg = apply_overrides(cfg, pairs).validate()
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
-        raise SystemExit(0)
-    return cfg
