@@ -180,6 +180,9 @@ def test_lora_run_from_converted_checkpoint_merge_and_export(converted, tmp_path
     adapted, step = trained_model(wd)
     assert step == 16 and lora.has_adapters(adapted)
     want = logits(adapted)
+    from jaxmoe.generate.checkpoint import load as load_for_generation
+
+    np.testing.assert_allclose(logits(load_for_generation(wd)), want, rtol=1e-5, atol=1e-5)
     base = logits(jaxmoe.load_model(converted))
     assert np.abs(want - base).max() > 1e-2  # the adapters learned something
 

@@ -39,11 +39,7 @@ def load(path: str, dtype: str = "float32", fp8: str = "dequantize", mtp="auto")
     try:
         if kind == "workdir":
             return load_workdir(path, dtype, mtp)
-        if fp8 == "keep" and kind == "hf":
-            from jaxmoe.quant.fp8 import load_hf_fp8
-
-            return load_hf_fp8(path, dtype=dtype, mtp=mtp)
-        return jaxmoe.load_model(path, dtype=dtype, mtp=mtp)
+        return jaxmoe.load_model(path, dtype=dtype, fp8=fp8, mtp=mtp)
     except (CheckpointError, FileNotFoundError) as e:
         raise GenerateError(f"--ckpt {path}: {e}") from None
 
@@ -62,6 +58,7 @@ def load_workdir(path: str, dtype: str = "float32", mtp="auto"):
     from jaxmoe.train import checkpoint as train_ckpt
     from jaxmoe.train import trainer
     from jaxmoe.train.config import TrainConfig
+    from jaxmoe.train.state import split_model
 
     directory = os.path.abspath(os.path.join(path, "checkpoints"))
     mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
@@ -71,15 +68,18 @@ def load_workdir(path: str, dtype: str = "float32", mtp="auto"):
                             f"{directory}")
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     run = _train_config(TrainConfig, dict(meta["config"]), dataclasses)
+    if run.lora.rank:  # adapter-only checkpoints: the base comes from the run's --model.init_from
+        mngr.close()
+        from jaxmoe.train.merge import merged_model
+
+        model = merged_model(path, step)[0]
+        return model if mtp is not False else without_mtp(model)
     mcfg = trainer.resolve_model_config(run).replace(param_dtype=dtype, dtype=dtype)
     stored = orbax_io.stored_names(os.path.join(directory, str(step), "state"))
     if not any(n.startswith("params.mtp.") for n in stored):  # e.g. --model.init_from an HF
         mcfg = mcfg.replace(num_nextn_predict_layers=0)       # folder without MTP tensors
     abstract = nnx.eval_shape(lambda: jaxmoe.DeepseekV3(mcfg, rngs=nnx.Rngs(0)))
-    attach = getattr(trainer, "attach_lora", None)  # runs with LoRA adapters store them too
-    if attach is not None:
-        abstract = attach(abstract, run)
-    graphdef, parts = trainer.split_model(abstract)
+    graphdef, parts = split_model(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           train_ckpt.flatten(parts))

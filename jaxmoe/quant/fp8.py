@@ -146,7 +146,7 @@ def quantize_fp8(model, block: tuple[int, int] = BLOCK):
         if isinstance(var, FP8Block):
             continue
         w = from_layout(var[...].astype(jnp.float32), transform, cfg)
-        q, s = jax.jit(quantize_blocks, static_argnums=1)(w, tuple(block))
+        q, s = _quantize_blocks_jit(w, tuple(block))
         set_attr(model, path, FP8Block(q, s, transform, block))
     return model
 
@@ -318,3 +318,6 @@ def load_orbax_fp8(path, dtype: str | None = "float32", sharding=None, mtp="auto
                                     layout[name]["transform"], tuple(layout[name]["block"])))
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, orbax_io.restore_state(os.fspath(path), state, sharding, names))
+
+
+_quantize_blocks_jit = jax.jit(quantize_blocks, static_argnums=1)  # one wrapper: compiled once per shape
