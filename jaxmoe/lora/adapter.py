@@ -89,14 +89,15 @@ class LoRAWeight(nnx.Module):
                        precision=jax.lax.Precision.HIGHEST)
         return self.scale * d
 
+    def _sum(self, cfg: ModelConfig) -> jax.Array:
+        """W + (alpha/r) A B in float32."""
+        w = weight(self.base, _f32(cfg))
+        return w + self.delta().reshape(w.shape)  # [..., in, out] -> the base's own axes
+
     def effective_weight(self, cfg: ModelConfig) -> jax.Array:
         """W + (alpha/r) A B in the compute dtype (what `layers.params.weight()` returns)."""
-        w = weight(self.base, _f32(cfg))
-        w = w + self.delta().reshape(w.shape)  # [..., in, out] -> the base's own axes
-        return w.astype(jnp.dtype(cfg.dtype))
+        return self._sum(cfg).astype(jnp.dtype(cfg.dtype))
 
     def merged(self, cfg: ModelConfig) -> jax.Array:
         """The folded weight (all leading axes) in `cfg.param_dtype`: a plain parameter again."""
-        w = weight(self.base, _f32(cfg))
-        w = w + self.delta().reshape(w.shape)  # [..., in, out] -> the base's own axes
-        return w.astype(jnp.dtype(cfg.param_dtype))
+        return self._sum(cfg).astype(jnp.dtype(cfg.param_dtype))

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 NEVER = 1 << 62
 
 
-def _part(k) -> str:
+def key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
@@ -28,7 +28,7 @@ def _part(k) -> str:
 
 def flatten(tree) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    out = {".".join(_part(k) for k in path): v for path, v in leaves}
+    out = {".".join(key_name(k) for k in path): v for path, v in leaves}
     if len(out) != len(leaves):
         raise ValueError("train-state paths collide when flattened")
     return out
@@ -36,7 +36,7 @@ def flatten(tree) -> dict:
 
 def unflatten(template, flat: dict):
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(_part(k) for k in p)]
+    return jax.tree_util.tree_unflatten(treedef, [flat[".".join(key_name(k) for k in p)]
                                                   for p, _ in paths])
 
 

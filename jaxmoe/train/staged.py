@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmoe.train.checkpoint import key_name
+
 PHASES = ("warmup", "joint", "sparsify")
 
 
@@ -41,13 +43,7 @@ def phase_of(step, stage, total_steps: int) -> jax.Array:
 
 
 def _names(path) -> list[str]:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-    return out
+    return [key_name(k) for k in path]
 
 
 def is_router(path) -> bool:

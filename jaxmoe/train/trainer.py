@@ -84,12 +84,12 @@ def build_layout(cfg: TrainConfig) -> Layout:
             return preset.layout()
         except pjit_configs.PresetError as e:
             raise TrainConfigError(f"--mesh.name={m.name!r}: {e}") from None
-    n = build_mesh(cfg).size
+    n = data_devices(cfg)
     return pjit_configs.MeshPreset(m.name, pjit_configs.presets.SLICE, data=n).layout()
 
 
-def build_mesh(cfg: TrainConfig) -> Mesh:
-    """The 'auto'/'data' mesh's check: one 'data' axis over every device."""
+def data_devices(cfg: TrainConfig) -> int:
+    """The 'auto'/'data' mesh's check: one 'data' axis over every device; their count."""
     devices = jax.devices()
     n = len(devices)
     want = n if cfg.mesh.data == -1 else cfg.mesh.data
@@ -97,7 +97,7 @@ def build_mesh(cfg: TrainConfig) -> Mesh:
         raise TrainConfigError(f"--mesh.data={want}: mesh {cfg.mesh.name!r} must span all {n} "
                                f"devices ({devices[0].platform} x {n}, "
                                f"{jax.process_count()} process(es)); use -1 or {n}")
-    return Mesh(np.asarray(devices).reshape(n), (DATA_AXIS,))
+    return n
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
