@@ -169,6 +169,26 @@ def test_fp8_keep_refuses_a_missing_scale(fp8_dir, tmp_path):
         jaxmoe.load_model(bad, fp8="keep")
 
 
+def test_fp8_keep_refuses_nan_codes(fp8_dir, tmp_path):
+    import shutil
+    import struct
+
+    from jaxmoe.safetensors_io import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8_dir, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    path = bad / index["weight_map"][name]
+    blob = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", blob[:8])[0]
+    start = 8 + n + json.loads(blob[8:8 + n])[name]["data_offsets"][0]
+    blob[start + 5] = 0xFF  # e4m3fn NaN (s.1111.111)
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=f"'{name}': FP8 NaN codes"):
+        jaxmoe.load_model(bad, fp8="keep")
+
+
 # ------------------------------------------------------------------------------------- int8
 def test_int8_experts():
     """Each weight within half a quantisation step; generation with the int8 experts equals the

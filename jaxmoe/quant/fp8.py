@@ -237,6 +237,8 @@ def load_hf_fp8(path, dtype: str = "float32", mtp="auto", **overrides):
                                       f"{scale_shape(raw.shape, block)} for weight {raw.shape}")
             if not np.isfinite(sc).all():
                 raise CheckpointError(f"tensor {sname!r}: non-finite scales")
+            if ((np.asarray(raw).view(np.uint8) & 0x7F) == 0x7F).any():  # e4m3fn NaN: s.1111.111
+                raise CheckpointError(f"tensor {e.hf_name!r}: FP8 NaN codes in the weight")
             q[e.index] = raw
             s[e.index] = sc
         buffers[p] = (q, s, es[0].transform)
