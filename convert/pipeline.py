@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxmoe.quant.fp8 import scale_blocks
 from jaxmoe.safetensors_io import CheckpointError
 
 from convert import fp8, writer
@@ -77,25 +78,17 @@ def _check_source(x: np.ndarray, s: np.ndarray | None, slab: Slab, block) -> Non
 
 
 # ------------------------------------------------------------------------------- kernels
-@functools.partial(jax.jit, static_argnames=("rows", "cols", "out_dtype"))
-def _deq_kernel(u, s, rows: int, cols: int, out_dtype):
-    """u uint8 [R, C] (block-padded), s [R/br, C/bc] -> out_dtype [rows, cols]: one fused
+@functools.partial(jax.jit, static_argnames=("block", "out_dtype"))
+def _deq_kernel(u, s, block: tuple[int, int], out_dtype):
+    """u uint8 [R, C] (e4m3 bits), s [ceil(R/br), ceil(C/bc)] -> out_dtype [R, C]: one fused
     gather-multiply-round (rounding inside the kernel; a separate cast pass costs 3x)."""
-    R, C = u.shape
-    br, bc = R // s.shape[0], C // s.shape[1]
-    x = jnp.asarray(_FP8_TABLE)[u.astype(jnp.int32)]
-    x = (x.reshape(s.shape[0], br, s.shape[1], bc) * s[:, None, :, None]).reshape(R, C)
-    return x[:rows, :cols].astype(out_dtype)
+    x = jnp.asarray(_FP8_TABLE)[u.astype(jnp.int32)]  # [R, C] float32, exact e4m3 values
+    return scale_blocks(x, s, block, jnp).astype(out_dtype)
 
 
 def _dequant_jax(x: np.ndarray, s: np.ndarray, block, out_dtype) -> jax.Array:
-    R, C = x.shape
-    br, bc = block
-    u = x.view(np.uint8)
-    Rp, Cp = s.shape[0] * br, s.shape[1] * bc
-    if (Rp, Cp) != (R, C):  # ragged edge blocks: zero-pad, multiply, crop
-        u = np.pad(u, ((0, Rp - R), (0, Cp - C)))
-    return _deq_kernel(jax.device_put(u, _CPU), jax.device_put(s, _CPU), R, C, np.dtype(out_dtype))
+    return _deq_kernel(jax.device_put(x.view(np.uint8), _CPU), jax.device_put(s, _CPU),
+                       tuple(block), np.dtype(out_dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))

@@ -20,26 +20,19 @@ from flax import nnx
 from jaxmoe import hf_mapping
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import DeepseekV3
+from jaxmoe.quant.fp8 import SCALE_SUFFIX, dequantize_rows
 from jaxmoe.safetensors_io import CheckpointError, SafetensorsFile
 
-SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK = 128
 
 
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK,
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int | tuple[int, int] = FP8_BLOCK,
                    name: str = "?") -> np.ndarray:
-    """W[r, c] = float(W_fp8[r, c]) * scale_inv[r // block, c // block], float32 (spec §6)."""
-    rows, cols = w.shape
-    want = (-(-rows // block), -(-cols // block))
-    if tuple(scale_inv.shape) != want:
-        raise CheckpointError(f"tensor {name!r}: scale {name}{SCALE_SUFFIX} has shape "
-                              f"{tuple(scale_inv.shape)}, expected {want} for weight {w.shape}")
-    s = np.asarray(scale_inv, np.float32)
-    s = np.repeat(np.repeat(s, block, axis=0)[:rows], block, axis=1)[:, :cols]  # [rows, cols]
-    out = np.asarray(w, np.float32) * s
-    if not np.isfinite(out).all():
-        raise CheckpointError(f"tensor {name!r}: NaN/Inf after FP8 dequantisation")
-    return out
+    """W[r, c] = float(W_fp8[r, c]) * scale_inv[r // br, c // bc], float32 (spec §6), a
+    block-row at a time (`quant.fp8.dequantize_rows`); wrong scale shapes and non-finite
+    products raise naming the tensor."""
+    block = (block, block) if isinstance(block, int) else tuple(block)
+    return dequantize_rows(w, scale_inv, 0, block, np.float32, name)
 
 
 class HFCheckpoint:
@@ -93,16 +86,18 @@ class HFCheckpoint:
             raise CheckpointError(f"{f.path}: tensor {name!r} listed in the index is not in the file")
         return f.get(name)
 
+    def scale_of(self, name: str) -> np.ndarray:
+        """The `weight_scale_inv` of FP8 tensor `name` (raw)."""
+        sname = name + SCALE_SUFFIX
+        if sname not in self.weight_map:
+            raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no scale {sname!r}")
+        return self.raw(sname)
+
     def get(self, name: str) -> np.ndarray:
         """The tensor, FP8 dequantised to float32 with its block scales when stored as FP8."""
         a = self.raw(name)
         if a.dtype.name.startswith("float8"):
-            sname = name + SCALE_SUFFIX
-            if sname not in self.weight_map:
-                raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no scale {sname!r}")
-            if self.fp8_block[0] != self.fp8_block[1]:
-                raise CheckpointError(f"{self.path}: non-square FP8 block {self.fp8_block}")
-            return dequantize_fp8(a, self.raw(sname), self.fp8_block[0], name)
+            return dequantize_fp8(a, self.scale_of(name), self.fp8_block, name)
         return a
 
 
@@ -124,13 +119,15 @@ def model_config_for(ckpt: HFCheckpoint, dtype: str, mtp: str | bool = "auto", *
     return cfg.replace(num_nextn_predict_layers=n)
 
 
-def state_from_hf(cfg: ModelConfig, get, target_shapes: dict) -> Iterator[tuple[tuple, np.ndarray]]:
+def state_from_hf(cfg: ModelConfig, get, target_shapes: dict, entries=None
+                  ) -> Iterator[tuple[tuple, np.ndarray]]:
     """Fill whole arrays for every state path from tensors fetched by `get(name)`.
 
-    Yields (path, float32 array). `target_shapes` maps path -> shape (from the abstract model).
+    Yields (path, float32 array). `target_shapes` maps path -> shape (from the abstract model);
+    `entries` are the `hf_mapping` rows filling them (default: all of the config's).
     """
     buffers: dict[tuple, np.ndarray] = {}
-    for e in hf_mapping.entries(cfg):
+    for e in (hf_mapping.entries(cfg) if entries is None else entries):
         if e.path not in target_shapes:
             raise CheckpointError(f"mapping row {e.hf_name} -> {e.path} has no model parameter")
         shape = target_shapes[e.path]
@@ -154,6 +151,20 @@ def state_from_hf(cfg: ModelConfig, get, target_shapes: dict) -> Iterator[tuple[
     yield from buffers.items()
 
 
+def check_unexpected(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
+    """Refuse checkpoint tensors the model has no parameter for, naming them (scales, the MTP
+    layer of a config loaded without MTP and empty tensors excepted)."""
+    expected = {e.hf_name for e in hf_mapping.entries(cfg)}
+    # transformers writes zero-size shared_experts tensors when n_shared_experts == 0.
+    extra = [n for n in ckpt.names() if n not in expected and not n.endswith(SCALE_SUFFIX)
+             and not (n.startswith(f"model.layers.{cfg.num_hidden_layers}.")
+                      and cfg.num_nextn_predict_layers == 0)
+             and ckpt.raw(n).size > 0]
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not in the model: "
+                              f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}")
+
+
 def abstract_model(cfg: ModelConfig) -> DeepseekV3:
     return nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0)))
 
@@ -170,16 +181,8 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", mtp: str | bool 
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     shapes = {p: tuple(v.get_value().shape) for p, v in flat}
-    expected = {e.hf_name for e in hf_mapping.entries(cfg)}
     if strict:
-        # transformers writes zero-size shared_experts tensors when n_shared_experts == 0.
-        extra = [n for n in ckpt.names() if n not in expected and not n.endswith(SCALE_SUFFIX)
-                 and not (n.startswith(f"model.layers.{cfg.num_hidden_layers}.")
-                          and cfg.num_nextn_predict_layers == 0)
-                 and ckpt.raw(n).size > 0]
-        if extra:
-            raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not in the model: "
-                                  f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}")
+        check_unexpected(ckpt, cfg)
     arrays = dict(state_from_hf(cfg, ckpt.get, shapes))
     for p, v in flat:
         v.set_value(jnp.asarray(arrays[p], dtype=v.get_value().dtype))

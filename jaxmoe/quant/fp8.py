@@ -11,6 +11,10 @@ layer, so only one layer's weight exists dequantised at a time (XLA fuses the de
 the layout change into one pass producing the matmul operand); the resident weights are one byte
 per element, half of bfloat16.
 
+The block formula itself has one implementation, `scale_blocks` (numpy or jax.numpy): the
+forward's `dequantize_blocks`, the numpy block-row `dequantize_rows` (HF loader, converter,
+exporter) and the converter's XLA kernel all call it.
+
 Sources: `load_hf_fp8` (a Hugging Face FP8 folder, e.g. the DeepSeek-V3 release),
 `jaxmoe-convert --keep-fp8` (an Orbax checkpoint read by `load_orbax_fp8`), or
 `quantize_fp8(model)` (blockwise amax/448 quantisation of a model in memory).
@@ -34,7 +38,7 @@ from jaxmoe.safetensors_io import CheckpointError
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = (128, 128)
-FP8_DTYPE = "F8_E4M3"
+SCALE_SUFFIX = "_scale_inv"  # `<weight>_scale_inv`: the float32 block scales of an FP8 weight
 
 
 class QuantValue(nnx.Variable):
@@ -45,19 +49,56 @@ def scale_shape(shape: tuple, block: tuple[int, int]) -> tuple[int, int]:
     return (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
 
 
-def dequantize_blocks(q: jax.Array, scale_inv: jax.Array, block: tuple[int, int]) -> jax.Array:
-    """q [..., R, C] (e4m3), scale_inv [..., ceil(R/br), ceil(C/bc)] -> float32 [..., R, C]."""
-    *lead, R, C = q.shape
+def scale_blocks(x, scale_inv, block: tuple[int, int], xp=jnp):
+    """The block formula of dsv3-spec §6 on float32 values x [..., R, C]: x[..., r, c] *
+    scale_inv[..., r // br, c // bc] (scale_inv [..., ceil(R/br), ceil(C/bc)]), one float32
+    product per element. `xp` is numpy or jax.numpy: the one implementation behind the FP8
+    forward (`dequantize_blocks`), the loaders' and converter's numpy path (`dequantize_rows`)
+    and the converter's XLA kernel, so all of them give the same bits."""
+    *lead, R, C = x.shape
     br, bc = block
     Rb, Cb = scale_inv.shape[-2:]
-    x = q.astype(jnp.float32)
-    s = scale_inv.astype(jnp.float32)
-    if R == Rb * br and C == Cb * bc:
-        x = x.reshape(*lead, Rb, br, Cb, bc) * s[..., :, None, :, None]  # [..., Rb, br, Cb, bc]
-        return x.reshape(*lead, R, C)
-    # ragged edge blocks (e.g. kv_a_proj_with_mqa's 576 rows): expand the scales and crop
-    s = jnp.repeat(jnp.repeat(s, br, axis=-2)[..., :R, :], bc, axis=-1)[..., :C]  # [..., R, C]
-    return x * s
+    if (Rb * br, Cb * bc) != (R, C):  # ragged edge blocks (kv_a_proj's 576 rows): pad, crop below
+        x = xp.pad(x, [(0, 0)] * len(lead) + [(0, Rb * br - R), (0, Cb * bc - C)])
+    y = x.reshape(*lead, Rb, br, Cb, bc) * scale_inv[..., :, None, :, None]  # [..., Rb, br, Cb, bc]
+    return y.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C]
+
+
+def dequantize_blocks(q: jax.Array, scale_inv: jax.Array, block: tuple[int, int]) -> jax.Array:
+    """q [..., R, C] (e4m3), scale_inv [..., ceil(R/br), ceil(C/bc)] -> float32 [..., R, C]."""
+    return scale_blocks(q.astype(jnp.float32), scale_inv.astype(jnp.float32), block)
+
+
+def dequantize_rows(w: np.ndarray, scale_inv: np.ndarray, row0: int, block: tuple[int, int],
+                    out_dtype, name: str) -> np.ndarray:
+    """Rows [row0, row0 + len(w)) of an FP8 weight (row0 a multiple of the block rows) ->
+    out_dtype, in numpy: `scale_blocks` one block-row at a time, so the temporaries are a few
+    block-rows of float32, never a float32 copy of the tensor. `scale_inv` holds the scale rows
+    of these rows ([ceil(rows/br), ceil(cols/bc)]; all of them when row0 == 0); row0 only
+    places error messages. A non-finite product is refused naming the element, its fp8 value
+    and its scale."""
+    br, bc = block
+    rows, cols = w.shape
+    if row0 % br:
+        raise ValueError(f"{name}: row offset {row0} not aligned to the {br}-row FP8 block")
+    s = np.asarray(scale_inv, np.float32)
+    want = scale_shape(w.shape, block)
+    if s.shape != want:
+        where = f"rows {row0}..{row0 + rows - 1} of " if row0 else ""
+        raise CheckpointError(f"tensor {name!r}: scale {name}{SCALE_SUFFIX} has shape {s.shape}, "
+                              f"expected {want} for {where}weight {tuple(w.shape)}")
+    out = np.empty((rows, cols), out_dtype)
+    for b0 in range(0, rows, br):
+        sb = s[b0 // br][None]  # [1, ceil(cols/bc)]
+        with np.errstate(invalid="ignore", over="ignore"):  # refused below, naming the element
+            x = scale_blocks(np.asarray(w[b0:b0 + br], np.float32), sb, block, np)  # [<=br, cols]
+        if not np.isfinite(x).all():
+            r, c = (int(i) for i in np.argwhere(~np.isfinite(x))[0])
+            raise CheckpointError(f"tensor {name!r}: {x[r, c]} at [{row0 + b0 + r}, {c}] after "
+                                  f"FP8 dequantisation (fp8 {float(w[b0 + r, c])} x scale_inv "
+                                  f"{float(sb[0, c // bc])}); expected finite values")
+        out[b0:b0 + br] = x
+    return out
 
 
 def to_layout(w: jax.Array, transform: str, cfg: ModelConfig) -> jax.Array:
@@ -165,7 +206,8 @@ def dequantize_model(model):
 def load_hf_fp8(path, dtype: str = "float32", mtp="auto", **overrides):
     """A Hugging Face checkpoint folder as a DeepseekV3 that keeps its FP8 tensors (and their
     `weight_scale_inv`) as `FP8Block`s; every other tensor is loaded in `dtype` as usual."""
-    from jaxmoe.hf_io import HFCheckpoint, SCALE_SUFFIX, abstract_model, model_config_for
+    from jaxmoe.hf_io import (HFCheckpoint, abstract_model, check_unexpected, model_config_for,
+                              state_from_hf)
 
     ckpt = HFCheckpoint(path)
     cfg = model_config_for(ckpt, dtype, mtp, **overrides)
@@ -174,28 +216,11 @@ def load_hf_fp8(path, dtype: str = "float32", mtp="auto", **overrides):
     block = tuple(ckpt.fp8_block)
     model = abstract_model(cfg)
     flat_abstract = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-
-    def dtype_of(name):
-        f = ckpt.file(ckpt.weight_map[name]) if name in ckpt else None
-        if f is None:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} missing from the checkpoint")
-        if name not in f.header:
-            raise CheckpointError(f"{f.path}: tensor {name!r} listed in the index is not in "
-                                  "the file")
-        return f.header[name]["dtype"]
-
+    check_unexpected(ckpt, cfg)
     entries = list(hf_mapping.entries(cfg))
-    expected = {e.hf_name for e in entries}
-    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    extra = [n for n in ckpt.names() if n not in expected and not n.endswith(SCALE_SUFFIX)
-             and not (n.startswith(mtp_prefix) and cfg.num_nextn_predict_layers == 0)
-             and ckpt.raw(n).size > 0]  # (transformers' zero-width shared experts)
-    if extra:
-        raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) not in the model: "
-                              f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}")
     fp8 = {}  # path -> [entries]
     for e in entries:
-        if dtype_of(e.hf_name) == FP8_DTYPE:
+        if ckpt.raw(e.hf_name).dtype == ml_dtypes.float8_e4m3fn:
             fp8.setdefault(e.path, []).append(e)
     for p, es in fp8.items():
         everyone = [e for e in entries if e.path == p]
@@ -203,19 +228,8 @@ def load_hf_fp8(path, dtype: str = "float32", mtp="auto", **overrides):
             plain = next(e.hf_name for e in everyone if e not in es)
             raise CheckpointError(f"{ckpt.path}: {es[0].hf_name!r} is FP8 but {plain!r} (same "
                                   "parameter) is not; mixed storage is not supported")
-    buffers: dict[tuple, np.ndarray] = {}
-    for e in entries:
-        if e.path in fp8:
-            continue
-        shape = tuple(flat_abstract[e.path].shape)
-        a = e.to_jaxmoe(np.asarray(ckpt.get(e.hf_name), np.float32), cfg)
-        if a.shape != shape[len(e.index):]:
-            raise CheckpointError(f"tensor {e.hf_name!r}: shape {a.shape} does not fit "
-                                  f"parameter {'/'.join(map(str, e.path))} {shape}")
-        if e.index:
-            buffers.setdefault(e.path, np.zeros(shape, np.float32))[e.index] = a
-        else:
-            buffers[e.path] = a
+    shapes = {p: tuple(v.shape) for p, v in flat_abstract.items() if p not in fp8}
+    buffers = dict(state_from_hf(cfg, ckpt.get, shapes, [e for e in entries if e.path not in fp8]))
     for p, es in fp8.items():
         want = tuple(flat_abstract[p].shape)
         lead = want[:len(es[0].index)]
@@ -225,10 +239,7 @@ def load_hf_fp8(path, dtype: str = "float32", mtp="auto", **overrides):
         for e in es:
             raw = ckpt.raw(e.hf_name)
             sname = e.hf_name + SCALE_SUFFIX
-            if sname not in ckpt:
-                raise CheckpointError(f"{ckpt.path}: FP8 tensor {e.hf_name!r} has no scale "
-                                      f"{sname!r}")
-            sc = np.asarray(ckpt.raw(sname), np.float32)
+            sc = np.asarray(ckpt.scale_of(e.hf_name), np.float32)
             if tuple(raw.shape) != expect:
                 raise CheckpointError(f"tensor {e.hf_name!r}: shape {tuple(raw.shape)}, expected "
                                       f"{expect} for parameter {'/'.join(map(str, p))} {want}")
