@@ -11,21 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.nucleus import nucleus_keep
+
 
 def top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[B, V] bool: the tokens kept by nucleus filtering of softmax(logits) at `top_p`.
-
-    A token is kept when the probability of the tokens strictly more likely than it (ties
-    broken by id) is below top_p, so the kept set is the smallest whose mass reaches top_p.
-    """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    order = jnp.argsort(-probs, axis=-1, stable=True)           # [B, V] most likely first
-    sorted_p = jnp.take_along_axis(probs, order, axis=-1)
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p            # mass strictly ahead
-    keep_sorted = before < top_p
-    keep_sorted = keep_sorted.at[:, 0].set(True)
-    return jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
-        keep_sorted)
+    """[B, V] bool: the tokens kept by nucleus filtering of softmax(logits) at `top_p` (the rule:
+    `jaxmoe.nucleus.nucleus_keep`)."""
+    return nucleus_keep(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), top_p)
 
 
 def pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,

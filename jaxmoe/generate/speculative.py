@@ -13,6 +13,11 @@ query attends to it (slot == position, causal mask), so nothing is rolled back. 
 keeps its own latent cache: at each step it is fed [h_p, h_{p+1}] with tokens [g0, g1] at
 positions [p, p+1], and the next draft comes from the last of those rows that is valid.
 Rows advance by different amounts; every row keeps its own positions (as in `engine`).
+
+The accept/reject bookkeeping (tokens per row, EOS, done) runs on device inside a
+`lax.while_loop` of up to `SYNC_EVERY` steps (`_verify_block`); the host reads each block's
+tokens back once and replays them in order to `on_token`, so it waits on the device once per
+block instead of once per step.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from jaxmoe.generate.engine import GenerateError, check_prompts, decode_hidden, 
 from jaxmoe.layers.mla import LatentCache, init_latent_cache
 from jaxmoe.layers.params import weight
 from jaxmoe.layers.rope import rope_angles
+
+SYNC_EVERY = 8  # verification steps per device round trip (see `_verify_block`)
 
 
 class SpeculativeGeneration(NamedTuple):
@@ -102,6 +109,31 @@ def _verify(graphdef, state, cur, draft, pos, cache, mcache):
     return nxt_cur, nxt_draft, pos + 1 + acc.astype(jnp.int32), g, acc, cache, mcache
 
 
+def _verify_block(graphdef, state, cur, draft, pos, cache, mcache, count, done, eos, max_new, *,
+                  n):
+    """Up to `n` `_verify` steps on device, stopping once every row is done. The bookkeeping the
+    host loop would need per step (tokens emitted per row `count`, EOS, `done`) is carried on
+    device, so the host reads back once per block: (state..., g [n, B, 2], acc [n, B], steps
+    run). A step emits g0 for a live row, then g1 if the draft was accepted and the row is still
+    live; eos < 0 never matches."""
+    B = cur.shape[0]
+
+    def step(c):
+        i, cur, draft, pos, cache, mcache, count, done, g_log, acc_log = c
+        cur, draft, pos, g, acc, cache, mcache = _verify(graphdef, state, cur, draft, pos, cache,
+                                                         mcache)
+        for j, emits in ((0, ~done), (1, ~done & acc)):  # g1 only after a live row's g0
+            count = count + emits.astype(jnp.int32)
+            done = done | (emits & ((g[:, j] == eos) | (count >= max_new)))
+        return (i + 1, cur, draft, pos, cache, mcache, count, done, g_log.at[i].set(g),
+                acc_log.at[i].set(acc))
+
+    init = (jnp.int32(0), cur, draft, pos, cache, mcache, count, done,
+            jnp.zeros((n, B, 2), jnp.int32), jnp.zeros((n, B), bool))
+    out = jax.lax.while_loop(lambda c: (c[0] < n) & ~c[7].all(), step, init)
+    return out[1:] + (out[0],)
+
+
 _JIT = {}
 
 
@@ -110,7 +142,8 @@ def _compiled(name):
         fn, kw = {"main": (_prefill_main, dict(static_argnums=0, donate_argnums=(4,))),
                   "first": (_first_token, dict(static_argnums=0)),
                   "mtp": (_prefill_mtp, dict(static_argnums=0, donate_argnums=(6, 7))),
-                  "verify": (_verify, dict(static_argnums=0, donate_argnums=(5, 6)))}[name]
+                  "block": (_verify_block, dict(static_argnums=0, static_argnames="n",
+                                                donate_argnums=(5, 6)))}[name]
         _JIT[name] = (jax.jit(fn, compiler_options=engine._compiler_options, **kw),
                       engine._compiler_options)
     return _JIT[name][0]
@@ -119,10 +152,12 @@ def _compiled(name):
 def run_speculative(model, prompt_ids, max_new_tokens: int = 32, *,
                     eos_id: int | None | str = engine.USE_CONFIG,
                     prefill_chunk: int = engine.DEFAULT_PREFILL_CHUNK,
-                    on_token: Callable[[int, list], None] | None = None
-                    ) -> SpeculativeGeneration:
+                    on_token: Callable[[int, list], None] | None = None,
+                    sync_every: int = SYNC_EVERY) -> SpeculativeGeneration:
     """Greedy generation drafted by the MTP module and verified by the main model: the same
-    tokens as `engine.generate(..., temperature=0)`, plus the draft acceptance rate."""
+    tokens as `engine.generate(..., temperature=0)`, plus the draft acceptance rate. The host
+    reads the device every `sync_every` steps (or when all rows are done), so `on_token` is
+    called in bursts of up to that many steps."""
     cfg = model.cfg
     if not len(model.mtp):
         raise GenerateError("speculative decoding needs the MTP module: this model has none "
@@ -141,7 +176,7 @@ def run_speculative(model, prompt_ids, max_new_tokens: int = 32, *,
     for i, p in enumerate(prompts):
         toks[i, :len(p)] = p
     graphdef, state = engine.split_committed(model)
-    main, mtp, verify = _compiled("main"), _compiled("mtp"), _compiled("verify")
+    main, mtp, block = _compiled("main"), _compiled("mtp"), _compiled("block")
 
     t0 = time.perf_counter()
     cache = model.init_cache(B, S)
@@ -186,19 +221,27 @@ def run_speculative(model, prompt_ids, max_new_tokens: int = 32, *,
     emit(0, list(first))
     steps = drafts = accepted = 0
     emitted = 1
-    while not done.all():
-        cur, draft, pos, g, acc, cache, mcache = verify(graphdef, state, cur, draft, pos,
-                                                       cache, mcache)
-        steps += 1
-        g, acc = np.asarray(g), np.asarray(acc)
-        live = ~done
-        drafts += int(live.sum())
-        accepted += int((acc & live).sum())
-        emit(emitted, list(g[:, 0]))
-        emitted += 1
-        if acc.any():
-            emit(emitted, [g[r, 1] if acc[r] else None for r in range(B)])
+    count = jnp.asarray([len(o) for o in out], jnp.int32)
+    done_dev, all_done = jnp.asarray(done), done.all()
+    eos_dev, max_dev = jnp.int32(-1 if eos is None else eos), jnp.int32(max_new_tokens)
+    while not all_done:
+        # one read-back per block of up to `sync_every` steps: its tokens, acceptances and the
+        # device's `done` (which ends the loop; `emit` applies the same rule on the host)
+        cur, draft, pos, cache, mcache, count, done_dev, g_log, acc_log, n_run = block(
+            graphdef, state, cur, draft, pos, cache, mcache, count, done_dev, eos_dev, max_dev,
+            n=sync_every)
+        g_log, acc_log, n_run, all_done = jax.device_get((g_log, acc_log, n_run,
+                                                          done_dev.all()))
+        for g, acc in zip(g_log[:n_run], acc_log[:n_run]):
+            steps += 1
+            live = ~done
+            drafts += int(live.sum())
+            accepted += int((acc & live).sum())
+            emit(emitted, list(g[:, 0]))
             emitted += 1
+            if acc.any():
+                emit(emitted, [g[r, 1] if acc[r] else None for r in range(B)])
+                emitted += 1
     jax.block_until_ready(cache)
     t2 = time.perf_counter()
     cache_bytes = sum(a.nbytes for a in jax.tree.leaves((cache, mcache)))

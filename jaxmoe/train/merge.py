@@ -12,12 +12,13 @@ in the run's param_dtype. Full fine-tuning runs: the checkpoint's parameters and
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 
 def initial_state(cfg, tx):
@@ -34,45 +35,87 @@ def initial_state(cfg, tx):
     return trainer.init_state(plan, tx, sharding) + (sharding,)
 
 
-def merged_model(workdir: str, step: int | None = None):
+def merged_model(workdir: str, step: int | None = None, dtype: str | None = None):
     """(the merged DeepseekV3, the step it comes from, the number of adapters folded in)."""
     from jaxmoe import lora
 
-    model, step = trained_model(workdir, step)
+    model, step = trained_model(workdir, step, dtype)
     return model, step, lora.merge(model)
 
 
-def trained_model(workdir: str, step: int | None = None):
+def trained_model(workdir: str, step: int | None = None, dtype: str | None = None):
     """(the run's model at checkpoint `step` (default: the latest) - a LoRA run's with its
-    adapters attached, not folded - and that step)."""
-    from flax import nnx
+    adapters attached, not folded - and that step): the one loader of a jaxmoe-train workdir
+    (`jaxmoe-train merge`, `jaxmoe-generate --ckpt WORKDIR`). The architecture is the one in
+    the checkpoint's own run config; `dtype` (default: the run's param_dtype) sets the parameter
+    and compute dtypes. Only model parameters are read, never the optimizer state."""
+    import orbax.checkpoint as ocp
 
-    from jaxmoe.train.checkpoint import Checkpointer, saved_part
     from jaxmoe.train.config import TrainConfig, TrainConfigError
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise TrainConfigError(f"{workdir}: no checkpoints/ folder (not a jaxmoe-train workdir)")
+    mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    try:
+        have = sorted(mngr.all_steps())
+        step = (have[-1] if have else None) if step is None else step
+        if step not in have:
+            raise TrainConfigError(f"{directory}: no checkpoint at step "
+                                   f"{step if step is not None else '(none saved)'}; have {have}")
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        cfg = TrainConfig.from_dict(dict(meta["config"]))
+        if dtype is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, param_dtype=dtype, dtype=dtype))
+        build = _lora_parts if cfg.lora.rank else _full_parts
+        graphdef, parts, saved, sharding = build(cfg, os.path.join(directory, str(step), "state"))
+        parts = dict(parts, **_restore(mngr, step, {k: parts[k] for k in saved}, sharding))
+    finally:
+        mngr.close()
+    return nnx.merge(graphdef, *parts.values()), step
+
+
+def _full_parts(cfg, state_dir: str):
+    """A full fine-tuning run: (graphdef, abstract model parts, the parts to restore - all of
+    them -, their sharding). No init: every parameter comes from the checkpoint."""
+    import jaxmoe
+    from jaxmoe import orbax_io
+    from jaxmoe.train import trainer
+    from jaxmoe.train.state import split_model
+
+    mcfg = trainer.resolve_model_config(cfg)
+    if not any(n.startswith("params.mtp.") for n in orbax_io.stored_names(state_dir)):
+        mcfg = mcfg.replace(num_nextn_predict_layers=0)  # e.g. init_from an HF folder w/o MTP
+    graphdef, parts = split_model(nnx.eval_shape(lambda: jaxmoe.DeepseekV3(mcfg,
+                                                                           rngs=nnx.Rngs(0))))
+    return graphdef, parts, tuple(parts), jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _lora_parts(cfg, state_dir: str):
+    """A LoRA run: (graphdef, its initial parts - the base rebuilt as the run built it, fresh
+    adapters -, the part to restore - the adapters -, their sharding)."""
     from jaxmoe.train.optim import make_optimizer
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise TrainConfigError(f"{workdir}: no config.json (not a jaxmoe-train workdir)")
-    with open(path) as f:
-        cfg = TrainConfig.from_dict(json.load(f))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), 0, 1 << 20, False)  # keep all
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.mngr.all_steps():
-        raise TrainConfigError(f"{workdir}/checkpoints: no checkpoint at step "
-                               f"{step if step is not None else '(none saved)'}; have "
-                               f"{sorted(ckpt.mngr.all_steps())}")
     tx, _ = make_optimizer(cfg.optim, cfg.steps, cfg.stage)
     graphdef, state, sharding = initial_state(cfg, tx)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            saved_part(state))
-    restored, _ = ckpt.restore(step, abstract)
-    ckpt.close()
-    state = dict(state, **restored)
-    parts = [state["params"], state["biases"], state["rest"]]
-    if "frozen" in state:
-        parts.append(state["frozen"])
-    return nnx.merge(graphdef, *parts), step
+    parts = {k: state[k] for k in ("params", "biases", "frozen", "rest")}  # split_model's order
+    return graphdef, parts, ("params",), sharding
+
+
+def _restore(mngr, step: int, parts: dict, sharding) -> dict:
+    """`parts` (arrays or abstract) read from the checkpoint's `state` item; a partial restore,
+    so the optimizer moments and the RNG beside them are not read."""
+    import orbax.checkpoint as ocp
+
+    from jaxmoe.train import checkpoint as train_ckpt
+
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          train_ckpt.flatten(parts))
+    got = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return train_ckpt.unflatten(parts, dict(got["state"]))
 
 
 def main(argv: list[str] | None = None) -> int:

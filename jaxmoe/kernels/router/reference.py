@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.nucleus import nucleus_keep
+
 
 @dataclasses.dataclass(frozen=True)
 class RouterSpec:
@@ -86,14 +88,10 @@ def top_p_keep(ids: jax.Array, scores: jax.Array, spec: RouterSpec) -> jax.Array
     scores, renormalised over the candidates, reach top_p - taken in descending score order -
     bounded to [min_k, K]. Slots keep their order (no reshuffle), so with every slot kept the
     weights are exactly the plain router's. top_p == 1 keeps all K (no rounding shortfall)."""
-    K = ids.shape[-1]
+    if spec.top_p >= 1.0:
+        return jnp.ones(ids.shape, bool)
     s = jnp.take_along_axis(scores, ids, axis=-1)  # [T, K] unbiased affinities of the candidates
-    share = s / (s.sum(-1, keepdims=True) + 1e-20)
-    order = jnp.argsort(-share, axis=-1, stable=True)  # [T, K] slots by descending share
-    mass = jnp.cumsum(jnp.take_along_axis(share, order, axis=-1), axis=-1)
-    before = jnp.pad(mass[:, :-1], ((0, 0), (1, 0)))  # [T, K] mass of the better candidates
-    rank_keep = (before < spec.top_p) | (spec.top_p >= 1.0) | (jnp.arange(K) < spec.min_k)
-    return jnp.zeros(ids.shape, bool).at[jnp.arange(ids.shape[0])[:, None], order].set(rank_keep)
+    return nucleus_keep(s / (s.sum(-1, keepdims=True) + 1e-20), spec.top_p, spec.min_k)
 
 
 def weights_top_p(scores: jax.Array, ids: jax.Array, used: jax.Array, spec: RouterSpec) -> jax.Array:
