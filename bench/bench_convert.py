@@ -7,8 +7,8 @@ same run (each in its own child process, 16 MiB buffer, fsync'd): a copy of the 
 and an I/O-matched copy that reads the source and writes as many bytes as the conversion writes
 (FP8 -> bf16 doubles most tensors). Peak RSS is each child's VmHWM (a getrusage in a forked
 child would inherit the parent's high-water mark). Widths are fixed, so every size has the same slab
-sizes: the peak must not grow with the checkpoint. Each size is also converted once with
-JAXMOE_CONVERT_NO_HUGEPAGES=1 (the previous default: 4 KiB pages), for the CPU side by side.
+sizes: the peak must not grow with the checkpoint. Each size runs `--rounds` rounds of the three
+(rotated order, `sync` before each child); the medians are reported.
 
     python bench/bench_convert.py --sizes 1 4 --dir /tmp/bench_convert --out /tmp/conv.md
 """
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def bench_size(gb: float, root: str, workers: int) -> dict:
+def bench_size(gb: float, root: str, workers: int, rounds: int) -> dict:
     d = os.path.join(root, f"{gb:g}gb")
     shutil.rmtree(d, ignore_errors=True)
     src = os.path.join(d, "hf")
@@ -126,45 +127,47 @@ def bench_size(gb: float, root: str, workers: int) -> dict:
                                   f"import bench_convert\nbench_convert.generate({gb}, {src!r})"),
                             env)
     src_bytes = du(src)
-    out = os.path.join(d, "orbax")
+    out, cp = os.path.join(d, "orbax"), os.path.join(d, "c")
     body = "from convert.cli import main\nrc = main()\nassert rc == 0, rc"
-    runs = {"copy": [], "copy_io": []}
-    conv = None
-    for i in range(2):  # copies before and after the conversion (page-cache state alike)
-        dt, rss, _ = run_child(child(COPY.format(src=src, dst=os.path.join(d, "c"), extra=0)), env)
-        runs["copy"].append((dt, rss))
-        shutil.rmtree(os.path.join(d, "c"))
-        if i == 0:
-            conv = run_child(child(body, [src, out, "--no-progress", "--workers", str(workers)]),
-                             env)
+    conv_argv = [src, out, "--no-progress", "--workers", str(workers)]
+    runs: dict = {"copy": [], "copy_io": [], "convert": []}
+    out_bytes = None
+
+    def one(kind):
+        nonlocal out_bytes
+        os.sync()  # no dirty pages of the previous child left to flush during this one
+        if kind == "convert":
+            r = run_child(child(body, conv_argv), env)
             out_bytes = du(out)
             shutil.rmtree(out)
-            # the same conversion without transparent huge pages (the previous default)
-            base = run_child(child(body, [src, out, "--no-progress", "--workers",
-                                          str(workers)]),
-                             dict(env, JAXMOE_CONVERT_NO_HUGEPAGES="1"))
-            shutil.rmtree(out)
-        dt, rss, _ = run_child(child(COPY.format(src=src, dst=os.path.join(d, "c"),
-                                                 extra=out_bytes - src_bytes)), env)
-        runs["copy_io"].append((dt, rss))
-        shutil.rmtree(os.path.join(d, "c"))
-    conv_s, conv_rss, text = conv
-    cpu_s = float(text.split("CPU_S=")[1].split()[0])
-    base_cpu_s = float(base[2].split("CPU_S=")[1].split()[0])
-    copy_s = sum(r[0] for r in runs["copy"]) / 2
-    io_s = sum(r[0] for r in runs["copy_io"]) / 2
-    summary = [line for line in text.splitlines() if line.startswith("converted")]
+        else:
+            extra = 0 if kind == "copy" else out_bytes - src_bytes
+            r = run_child(child(COPY.format(src=src, dst=cp, extra=extra)), env)
+            shutil.rmtree(cp)
+        runs[kind].append(r)
+
+    # rounds in rotated order (the conversion first in round 0: the I/O-matched copy needs its
+    # output size), so no case always runs right after the same other case
+    order = ["convert", "copy", "copy_io"]
+    for i in range(rounds):
+        for kind in order[i % 3:] + order[:i % 3]:
+            one(kind)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    conv_s = med([r[0] for r in runs["convert"]])
+    cpu = [float(r[2].split("CPU_S=")[1].split()[0]) for r in runs["convert"]]
+    copy_s, io_s = med([r[0] for r in runs["copy"]]), med([r[0] for r in runs["copy_io"]])
+    summary = [line for line in runs["convert"][0][2].splitlines() if line.startswith("converted")]
     shutil.rmtree(d)
-    return dict(size_gb=src_bytes / 1e9, out_gb=out_bytes / 1e9, generate_s=gen_s,
+    return dict(size_gb=src_bytes / 1e9, out_gb=out_bytes / 1e9, generate_s=gen_s, rounds=rounds,
                 convert_s=conv_s, copy_s=copy_s, copy_io_s=io_s,
-                copy_runs_s=[r[0] for r in runs["copy"]], copy_io_runs_s=[r[0] for r in runs["copy_io"]],
+                convert_runs_s=[r[0] for r in runs["convert"]],
+                copy_runs_s=[r[0] for r in runs["copy"]],
+                copy_io_runs_s=[r[0] for r in runs["copy_io"]],
                 convert_gbs=src_bytes / conv_s / 1e9, copy_gbs=src_bytes / copy_s / 1e9,
                 ratio=copy_s / conv_s, ratio_io=io_s / conv_s,
-                convert_peak_rss_gb=conv_rss / 1e9, convert_cpu_s=cpu_s,
-                convert_cpu_s_per_gb=cpu_s / (src_bytes / 1e9),
-                no_thp_s=base[0], no_thp_cpu_s=base_cpu_s, no_thp_peak_rss_gb=base[1] / 1e9,
-                no_thp_cpu_s_per_gb=base_cpu_s / (src_bytes / 1e9),
-                copy_peak_rss_gb=max(r[1] for v in runs.values() for r in v) / 1e9,
+                convert_peak_rss_gb=max(r[1] for r in runs["convert"]) / 1e9,
+                convert_cpu_s=med(cpu), convert_cpu_s_per_gb=med(cpu) / (src_bytes / 1e9),
+                copy_peak_rss_gb=max(r[1] for k in ("copy", "copy_io") for r in runs[k]) / 1e9,
                 summary=summary[0] if summary else "")
 
 
@@ -173,24 +176,24 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="GB")
     ap.add_argument("--dir", default="/tmp/bench_convert")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--rounds", type=int, default=3, help="copy / I/O-matched copy / convert "
+                    "rounds per size (medians reported)")
     ap.add_argument("--out", default=None, help="write the markdown table here too")
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
-    results = [bench_size(gb, a.dir, a.workers) for gb in a.sizes]
+    results = [bench_size(gb, a.dir, a.workers, a.rounds) for gb in a.sizes]
     lines = [f"CPUs: {os.cpu_count()}, workers: {a.workers}; times are whole child processes "
-             "(interpreter start, imports and XLA compiles included)", "",
+             "(interpreter start, imports and XLA compiles included); median of "
+             f"{a.rounds} rotated rounds (each run listed in the JSON)", "",
              "| source | output | copy of source | I/O-matched copy | convert | ratio vs copy | "
-             "ratio vs I/O-matched | convert CPU | convert peak RSS | copy peak RSS | "
-             "without huge pages: time, CPU, peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio vs I/O-matched | convert CPU | convert peak RSS | copy peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['size_gb']:.2f} GB | {r['out_gb']:.2f} GB | {r['copy_s']:.1f} s | "
                      f"{r['copy_io_s']:.1f} s | {r['convert_s']:.1f} s ({r['convert_gbs']:.3f} "
                      f"GB/s) | {r['ratio']:.2f} | {r['ratio_io']:.2f} | {r['convert_cpu_s']:.1f} "
                      f"CPU-s ({r['convert_cpu_s_per_gb']:.1f}/GB) | "
-                     f"{r['convert_peak_rss_gb']:.2f} GB | {r['copy_peak_rss_gb']:.2f} GB | "
-                     f"{r['no_thp_s']:.1f} s, {r['no_thp_cpu_s']:.1f} CPU-s "
-                     f"({r['no_thp_cpu_s_per_gb']:.1f}/GB), {r['no_thp_peak_rss_gb']:.2f} GB |")
+                     f"{r['convert_peak_rss_gb']:.2f} GB | {r['copy_peak_rss_gb']:.2f} GB |")
     best = min(r["convert_gbs"] for r in results)
     cpu = max(r["convert_cpu_s_per_gb"] for r in results)
     if len(results) > 1:  # marginal cost, without the fixed start-up (imports, XLA compiles)

@@ -27,6 +27,7 @@ PARTIAL = ".partial"
 JOURNAL = "convert_journal.jsonl"
 PLAN_FILE = "convert_plan.json"
 DEFAULT_BATCH = 256 << 20
+MIN_BATCH = 32 << 20
 
 
 def prepare_output(out_dir: str, resume: bool, overwrite: bool, fingerprint: str) -> str:
@@ -81,6 +82,7 @@ def read_journal(tmp: str) -> set[str]:
 class Writer:
     def __init__(self, tmp: str, plan: Plan, workers: int = 2, batch_bytes: int = DEFAULT_BATCH):
         self.tmp, self.plan, self.batch_bytes = tmp, plan, batch_bytes
+        self._staged = 0  # bytes handed to write() so far
         self.ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0},
                                "data_copy_concurrency": {"limit": max(1, workers)},
                                "file_io_concurrency": {"limit": 8}})
@@ -96,7 +98,7 @@ class Writer:
             if self._journal.read(1) != "\n":
                 self._journal.write("\n")
         self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
-        self._pending = None  # (commit future, keys)
+        self._pending: list = []  # (commit future, keys), oldest first
         self._copies: list = []  # (copy future, array) of the batch being staged
 
     def write(self, slab: Slab, data: np.ndarray) -> None:
@@ -106,25 +108,32 @@ class Writer:
         self._copies.append((arr[slab.out_index].write(data).copy, data))
         self._keys.append(slab.key)
         self._bytes += data.nbytes
+        self._staged += data.nbytes
         while self._copies and self._copies[0][0].done():
             self._copies.pop(0)
-        if self._bytes >= self.batch_bytes:
+        if self._bytes >= self._limit():
             self._commit()
 
-    def _commit(self) -> None:
+    def _limit(self) -> int:
+        """This batch's size: ramps up from MIN_BATCH, doubling, so the first commit (and the
+        writer's core) starts while the workers compute the rest."""
+        earlier = self._staged - self._bytes
+        return max(min(MIN_BATCH, self.batch_bytes), min(self.batch_bytes, earlier))
+
+    def _commit(self, in_flight: int = 1) -> None:
+        """Commit the staged batch once fewer than `in_flight` commits are running."""
         for fut, _ in self._copies:
             fut.result()
         self._copies = []
-        self._wait()
+        while len(self._pending) >= in_flight:
+            self._wait()
         if self._keys:
-            self._pending = (self._txn.commit_async(), self._keys)
+            self._pending.append((self._txn.commit_async(), self._keys))
         self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
 
     def _wait(self) -> None:
-        if self._pending is None:
-            return
-        fut, keys = self._pending
-        self._pending = None
+        """Finish the oldest commit and journal its slabs (journal order = commit order)."""
+        fut, keys = self._pending.pop(0)
         fut.result()
         _trim()
         self._journal.write(json.dumps(keys) + "\n")
@@ -132,20 +141,22 @@ class Writer:
         os.fsync(self._journal.fileno())
 
     def flush(self) -> None:
-        self._commit()
-        self._wait()
+        # nothing is computed any more: the last batch's commit runs beside the previous one
+        self._commit(in_flight=2)
+        while self._pending:
+            self._wait()
 
     def close(self) -> None:
         self._journal.close()
 
     def abort(self) -> None:
         """Let in-flight tensorstore work finish (its result no longer matters), then close."""
-        for fut in [f for f, _ in self._copies] + ([self._pending[0]] if self._pending else []):
+        for fut in [f for f, _ in self._copies] + [f for f, _ in self._pending]:
             try:
                 fut.result()
             except Exception:  # noqa: BLE001 - the conversion is failing anyway
                 pass
-        self._copies, self._pending = [], None
+        self._copies, self._pending = [], []
         self.close()
 
 
