@@ -46,10 +46,11 @@ def _run(m, x, pos, cos, sin, mask, chunk, monkeypatch, grads=True):
     def f(st, x):
         return nnx.merge(gd, st)(x, pos, cos, sin, mask)
 
-    y = f(st, x)
+    # jitted per call: each call traces afresh, so it sees the Q_CHUNK patched above
+    y = jax.jit(f)(st, x)
     if not grads:
         return np.asarray(y), None
-    g = jax.grad(lambda st, x: (f(st, x) ** 2).sum(), argnums=(0, 1))(st, x)
+    g = jax.jit(jax.grad(lambda st, x: (f(st, x) ** 2).sum(), argnums=(0, 1)))(st, x)
     return np.asarray(y), g
 
 
