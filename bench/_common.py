@@ -1,9 +1,12 @@
-"""Shared by the bench scripts: the BENCHMARKS.md section writer and the CPU description."""
+"""Shared by the bench scripts: the BENCHMARKS.md section writer, the CPU description, the quiet
+environment set before jax is imported and the elapsed-time logger."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
+import warnings
 
 
 def write_section(path: str, text: str, begin: str, end: str) -> None:
@@ -36,3 +39,21 @@ def _configs_path() -> str:
 
 
 CONFIGS = _configs_path()
+
+
+def quiet_env(cpu: bool = True) -> None:
+    """Before jax is imported: no XLA info logs, no warnings; with cpu, JAX on the CPU."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if cpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    warnings.filterwarnings("ignore")
+
+
+def elapsed_logger():
+    """log(msg): prints msg after the seconds since this call, flushed."""
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    return log

@@ -205,16 +205,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import warnings
-    warnings.filterwarnings("ignore")
+    _common.quiet_env()
     import jax
 
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+    log = _common.elapsed_logger()
 
     dev = jax.devices()[0]
     res = {"command": "python bench/bench_finetune.py" + "".join(

@@ -237,22 +237,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown file whose bench_train section is (re)written")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not args.preset:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _common.quiet_env(cpu=not args.preset)
+    if not args.preset:  # busy-waiting torch threads slow a shared 2-core machine
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import warnings
-    warnings.filterwarnings("ignore")
     import jax
     import flax
     import optax
     import jaxmoe
     from jaxmoe.train import metrics as M
 
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+    log = _common.elapsed_logger()
 
     versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
     load0 = " ".join(f"{x:.1f}" for x in os.getloadavg())
