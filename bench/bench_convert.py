@@ -5,10 +5,14 @@ depth/width, converted with `python -m convert` in a child process.
 For each size it reports the conversion's time as a ratio to plain read+write copies in the
 same run (each in its own child process, 16 MiB buffer, fsync'd): a copy of the source files,
 and an I/O-matched copy that reads the source and writes as many bytes as the conversion writes
-(FP8 -> bf16 doubles most tensors). Peak RSS is each child's VmHWM (a getrusage in a forked
-child would inherit the parent's high-water mark). Widths are fixed, so every size has the same slab
-sizes: the peak must not grow with the checkpoint. Each size runs `--rounds` rounds of the three
-(rotated order, `sync` before each child); the medians are reported.
+(FP8 -> bf16 doubles most tensors); and the same conversion with `--keep-fp8`, which writes as
+many bytes as it reads, against the copy of the source. Peak RSS is each child's VmHWM (a
+getrusage in a forked child would inherit the parent's high-water mark). Widths are fixed, so
+every size has the same slab sizes: the peak must not grow with the checkpoint. Each size runs
+`--rounds` rounds of the four (rotated order, `sync` before each child); the medians are
+reported. With two sizes or more, a "marginal" row compares the differences between the
+smallest and the largest: the throughput a large conversion approaches, once its fixed costs
+(interpreter start, imports, XLA compiles, the last commit) no longer count.
 
     python bench/bench_convert.py --sizes 1 4 --dir /tmp/bench_convert --out /tmp/conv.md
 """
@@ -130,15 +134,19 @@ def bench_size(gb: float, root: str, workers: int, rounds: int) -> dict:
     out, cp = os.path.join(d, "orbax"), os.path.join(d, "c")
     body = "from convert.cli import main\nrc = main()\nassert rc == 0, rc"
     conv_argv = [src, out, "--no-progress", "--workers", str(workers)]
-    runs: dict = {"copy": [], "copy_io": [], "convert": []}
-    out_bytes = None
+    runs: dict = {"copy": [], "copy_io": [], "convert": [], "keep": []}
+    out_bytes = keep_bytes = None
 
     def one(kind):
-        nonlocal out_bytes
+        nonlocal out_bytes, keep_bytes
         os.sync()  # no dirty pages of the previous child left to flush during this one
         if kind == "convert":
             r = run_child(child(body, conv_argv), env)
             out_bytes = du(out)
+            shutil.rmtree(out)
+        elif kind == "keep":  # FP8 kept as published: writes as many bytes as it reads
+            r = run_child(child(body, conv_argv + ["--keep-fp8"]), env)
+            keep_bytes = du(out)
             shutil.rmtree(out)
         else:
             extra = 0 if kind == "copy" else out_bytes - src_bytes
@@ -148,14 +156,15 @@ def bench_size(gb: float, root: str, workers: int, rounds: int) -> dict:
 
     # rounds in rotated order (the conversion first in round 0: the I/O-matched copy needs its
     # output size), so no case always runs right after the same other case
-    order = ["convert", "copy", "copy_io"]
+    order = ["convert", "copy", "copy_io", "keep"]
     for i in range(rounds):
-        for kind in order[i % 3:] + order[:i % 3]:
+        for kind in order[i % 4:] + order[:i % 4]:
             one(kind)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     conv_s = med([r[0] for r in runs["convert"]])
     cpu = [float(r[2].split("CPU_S=")[1].split()[0]) for r in runs["convert"]]
     copy_s, io_s = med([r[0] for r in runs["copy"]]), med([r[0] for r in runs["copy_io"]])
+    keep_s = med([r[0] for r in runs["keep"]])
     summary = [line for line in runs["convert"][0][2].splitlines() if line.startswith("converted")]
     shutil.rmtree(d)
     return dict(size_gb=src_bytes / 1e9, out_gb=out_bytes / 1e9, generate_s=gen_s, rounds=rounds,
@@ -163,6 +172,9 @@ def bench_size(gb: float, root: str, workers: int, rounds: int) -> dict:
                 convert_runs_s=[r[0] for r in runs["convert"]],
                 copy_runs_s=[r[0] for r in runs["copy"]],
                 copy_io_runs_s=[r[0] for r in runs["copy_io"]],
+                keep_s=keep_s, keep_runs_s=[r[0] for r in runs["keep"]], keep_gb=keep_bytes / 1e9,
+                ratio_keep=copy_s / keep_s,
+                keep_peak_rss_gb=max(r[1] for r in runs["keep"]) / 1e9,
                 convert_gbs=src_bytes / conv_s / 1e9, copy_gbs=src_bytes / copy_s / 1e9,
                 ratio=copy_s / conv_s, ratio_io=io_s / conv_s,
                 convert_peak_rss_gb=max(r[1] for r in runs["convert"]) / 1e9,
@@ -194,6 +206,28 @@ def main() -> None:
                      f"GB/s) | {r['ratio']:.2f} | {r['ratio_io']:.2f} | {r['convert_cpu_s']:.1f} "
                      f"CPU-s ({r['convert_cpu_s_per_gb']:.1f}/GB) | "
                      f"{r['convert_peak_rss_gb']:.2f} GB | {r['copy_peak_rss_gb']:.2f} GB |")
+    if len(results) > 1:  # what a large conversion approaches: the fixed costs drop out
+        a0, a1 = results[0], results[-1]
+        d = {k: a1[k] - a0[k] for k in ("size_gb", "out_gb", "copy_s", "copy_io_s", "convert_s",
+                                         "convert_cpu_s")}
+        lines.append(f"| marginal, {a0['size_gb']:.2f} → {a1['size_gb']:.2f} GB | "
+                     f"+{d['out_gb']:.2f} GB | +{d['copy_s']:.1f} s | +{d['copy_io_s']:.1f} s | "
+                     f"+{d['convert_s']:.1f} s ({d['size_gb'] / d['convert_s']:.3f} GB/s) | "
+                     f"{d['copy_s'] / d['convert_s']:.2f} | {d['copy_io_s'] / d['convert_s']:.2f} | "
+                     f"+{d['convert_cpu_s']:.1f} CPU-s ({d['convert_cpu_s'] / d['size_gb']:.1f}/GB) "
+                     "| | |")
+    lines += ["", "With `--keep-fp8` (the e4m3 weights and their scales stored as published: as many "
+              "bytes written as read, so the copy of the source is the like-for-like baseline):", "",
+              "| source | output | copy of source | convert --keep-fp8 | ratio vs copy | peak RSS |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['size_gb']:.2f} GB | {r['keep_gb']:.2f} GB | {r['copy_s']:.1f} s | "
+                     f"{r['keep_s']:.1f} s | {r['ratio_keep']:.2f} | {r['keep_peak_rss_gb']:.2f} GB |")
+    if len(results) > 1:
+        dk, dc = a1["keep_s"] - a0["keep_s"], a1["copy_s"] - a0["copy_s"]
+        lines.append(f"| marginal, {a0['size_gb']:.2f} → {a1['size_gb']:.2f} GB | "
+                     f"+{a1['keep_gb'] - a0['keep_gb']:.2f} GB | +{dc:.1f} s | +{dk:.1f} s | "
+                     f"{dc / dk:.2f} | |")
     best = min(r["convert_gbs"] for r in results)
     cpu = max(r["convert_cpu_s_per_gb"] for r in results)
     if len(results) > 1:  # marginal cost, without the fixed start-up (imports, XLA compiles)
