@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().rstrip("IB")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    """A positive byte count: 65536, 256M, 1.5G, 64KiB (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    n = int(float(m[1]) * _UNITS[m[2].upper()]) if m else 0
+    if not m or n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size "
+                                         "(e.g. 65536, 256M, 1.5G)")
+    return n
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
+def _common(p: argparse.ArgumentParser, overwrite: str) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished checkpoint (or an interrupted run) at the output")
+                   help=overwrite + ". Never replaces any other non-empty folder, nor the input "
+                                    "or a folder containing it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -33,7 +50,10 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="parameter dtype (default: the source's; FP8 dequantises to bfloat16)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted conversion (OUT_DIR.partial)")
+                   help="continue an interrupted conversion (OUT_DIR.partial) with the options "
+                        "it was started with; it replaces a finished checkpoint at OUT_DIR only "
+                        "if that run had --overwrite. Cannot be combined with --overwrite "
+                        "(which starts over)")
     p.add_argument("--verify", action="store_true",
                    help="run a short prompt through the result and the source (transformers; "
                         "small models) and print the max relative logit error")
@@ -47,9 +67,10 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="split plain tensors into row blocks of at most this size (256M)")
     p.add_argument("--batch", type=_size, default="256M",
                    help="bytes staged per OCDBT commit (two batches in memory at most)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=_positive, default=min(4, os.cpu_count() or 1),
                    help="threads computing slabs (default: min(4, CPUs))")
-    _common(p)
+    _common(p, "start over: discard an interrupted run (OUT_DIR.partial) and, when done, "
+               "replace a finished jaxmoe/Orbax checkpoint at OUT_DIR")
     return p
 
 
@@ -62,8 +83,10 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="tensor dtype (router e_score_correction_bias stays float32)")
-    p.add_argument("--max-shard-size", type=_size, default="5G")
-    _common(p)
+    p.add_argument("--max-shard-size", type=_size, default="5G",
+                   help="largest safetensors shard (5G)")
+    _common(p, "when done, replace a Hugging Face checkpoint at HF_DIR (a folder with "
+               "config.json and model*.safetensors; the whole folder is replaced)")
     return p
 
 
@@ -116,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "export":
             return _export(export_parser().parse_args(argv[1:]))
-        return _convert(convert_parser().parse_args(argv))
+        parser = convert_parser()
+        a = parser.parse_args(argv)
+        if a.resume and a.overwrite:
+            parser.error("--resume and --overwrite contradict each other: --resume continues "
+                         f"{a.out_dir}.partial, --overwrite discards it and starts over; "
+                         "pass one of them")
+        return _convert(a)
     except CheckpointError as e:
         print(f"jaxmoe-convert: error: {e}", file=sys.stderr)
         return 2

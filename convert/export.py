@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import time
@@ -21,11 +22,14 @@ import numpy as np
 from jaxmoe import hf_mapping, orbax_io
 from jaxmoe.safetensors_io import NAMES, CheckpointError
 
+from convert import writer
 from convert.fp8 import dequantize_rows
 from convert.pipeline import Stats
 from convert.plan import DEFAULT_MAX_SLAB, hf_shape
 
 F32_NAMES = ("e_score_correction_bias",)
+# what export writes into HF_DIR (and so what an interrupted HF_DIR.partial may hold)
+_EXPORT_FILE = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
 
 
 class ShardedWriter:
@@ -96,20 +100,44 @@ class ShardedWriter:
                 json.dump(index, f, indent=2)
 
 
+def _prepare_output(out: str, overwrite: bool) -> str:
+    """Check HF_DIR (replaceable only with `overwrite`, and only if it is an HF checkpoint or
+    empty) and clear a stale HF_DIR.partial (only if it holds nothing but export's files)."""
+    if os.path.isdir(out) and os.listdir(out):
+        names = set(os.listdir(out))
+        if "config.json" not in names or not any(_EXPORT_FILE.fullmatch(n) and n != "config.json"
+                                                 for n in names):
+            raise CheckpointError(
+                f"{out}: holds files that are not a Hugging Face checkpoint "
+                f"({writer.listing(out)}; no config.json + model*.safetensors); " + (
+                    "--overwrite only replaces an HF checkpoint or an empty folder, so "
+                    if overwrite else "") + "choose another output folder (or empty this one)")
+        if not overwrite:
+            raise CheckpointError(f"{out}: already holds a Hugging Face checkpoint; pass "
+                                  "--overwrite to replace it")
+    tmp = out + writer.PARTIAL
+    if os.path.lexists(tmp):
+        if not os.path.isdir(tmp):
+            raise CheckpointError(f"{tmp}: is a file, not the folder of an interrupted export; "
+                                  "move it away")
+        if not all(_EXPORT_FILE.fullmatch(n) for n in os.listdir(tmp)):
+            raise CheckpointError(f"{tmp}: holds files that are not an interrupted export "
+                                  f"({writer.listing(tmp)}); move it away")
+        shutil.rmtree(tmp)  # an interrupted export: nothing there to keep
+    os.makedirs(tmp)
+    return tmp
+
+
 def export(orbax_dir, hf_dir, *, dtype: str = "bfloat16", max_shard_bytes: int = 5 << 30,
            overwrite: bool = False, progress=None, max_block_bytes: int = DEFAULT_MAX_SLAB) -> Stats:
     t0 = time.perf_counter()
+    out = writer.check_output_path(hf_dir, orbax_dir)
     meta = orbax_io.read_marker(orbax_dir)
     cfg = orbax_io.config_of(meta)
     stored = set(orbax_io.stored_names(orbax_dir))
     if cfg.num_nextn_predict_layers and orbax_io.param_name(("mtp", 0, "eh_proj_UD")) not in stored:
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    out = os.path.abspath(hf_dir)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
-        raise CheckpointError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = _prepare_output(out, overwrite)
     arrays = {}
     specs, work = [], []
     kept = meta.get("fp8") or {}  # --keep-fp8: e4m3 [out, in] + scales, dequantised here
@@ -174,8 +202,6 @@ def export(orbax_dir, hf_dir, *, dtype: str = "bfloat16", max_shard_bytes: int =
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    writer.replace_folder(tmp, out)
     st.seconds = time.perf_counter() - t0
     return st

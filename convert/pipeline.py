@@ -174,7 +174,7 @@ def convert(hf_dir, out_dir, *, dtype: str | None = None, resume: bool = False,
     src = Source(hf_dir)
     plan = build_plan(src, dtype, mtp, max_slab_bytes, keep_fp8=keep_fp8)
     validate(src, plan)
-    tmp = writer.prepare_output(out_dir, resume, overwrite, plan.fingerprint)
+    tmp = writer.prepare_output(out_dir, resume, overwrite, plan.fingerprint, hf_dir)
     if writer.sealed(tmp):  # killed between sealing and the rename
         writer.install(tmp, out_dir)
         return Stats(tensors=len({s.entry.hf_name for s in plan.slabs}),

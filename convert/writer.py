@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import tensorstore as ts
@@ -30,40 +31,116 @@ DEFAULT_BATCH = 256 << 20
 MIN_BATCH = 32 << 20
 
 
-def prepare_output(out_dir: str, resume: bool, overwrite: bool, fingerprint: str) -> str:
-    """Check OUT_DIR and its partial folder; returns the partial folder to write into."""
-    out = os.path.abspath(out_dir)
+def prepare_output(out_dir: str, resume: bool, overwrite: bool, fingerprint: str,
+                   src: str | None = None) -> str:
+    """Check OUT_DIR and its partial folder; returns the partial folder to write into.
+
+    `overwrite` starts over: it discards OUT_DIR.partial and replaces OUT_DIR at the end, but
+    only where OUT_DIR is a finished jaxmoe/Orbax checkpoint or an empty folder. `resume`
+    continues OUT_DIR.partial as it was started (it may replace OUT_DIR only if that run was
+    started with `overwrite`); the two contradict each other. Nothing is deleted before every
+    check has passed."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite contradict each other: resume continues "
+                         f"{out_dir}{PARTIAL}, overwrite discards it and starts over")
+    out = check_output_path(out_dir, src)
     tmp = out + PARTIAL
-    if os.path.exists(out):
-        if os.path.exists(os.path.join(out, orbax_io.MARKER)) and not overwrite:
-            raise CheckpointError(f"{out}: already holds a finished checkpoint "
-                                  f"({orbax_io.MARKER}); pass --overwrite to replace it")
-        if not os.path.isdir(out) or (os.listdir(out) and not overwrite):
-            raise CheckpointError(f"{out}: exists and is not an empty folder; pass "
-                                  "--overwrite to replace it")
-    if os.path.exists(tmp):
+    planned = _read_plan(tmp) if resume and os.path.isdir(tmp) else None
+    may_replace = overwrite or bool(planned and planned.get("overwrite"))
+    if os.path.exists(out) and os.listdir(out):
+        found = _checkpoint_file(out)
+        if found is None:
+            raise CheckpointError(
+                f"{out}: holds files that are not a jaxmoe/Orbax checkpoint "
+                f"({listing(out)}); " + ("--overwrite only replaces a finished checkpoint or "
+                                         "an empty folder, so " if overwrite else "") +
+                "choose another output folder (or empty this one)")
+        if not may_replace:
+            hint = ("pass --overwrite to replace it" if not resume else
+                    f"there is no interrupted conversion to resume in {tmp}; pass --overwrite "
+                    "instead of --resume to replace it" if planned is None else
+                    f"the interrupted conversion in {tmp} was not started with --overwrite: "
+                    f"move {out} away, or start over with --overwrite instead of --resume")
+            raise CheckpointError(f"{out}: already holds a finished checkpoint ({found}); {hint}")
+    if os.path.lexists(tmp):
+        if not os.path.isdir(tmp):
+            raise CheckpointError(f"{tmp}: is a file, not the folder of an interrupted "
+                                  "conversion; move it away")
+        ours = not os.listdir(tmp) or any(os.path.exists(os.path.join(tmp, f))
+                                          for f in (PLAN_FILE, orbax_io.MARKER))
+        if not ours:
+            raise CheckpointError(f"{tmp}: holds files that are not an interrupted conversion "
+                                  f"({listing(tmp)}; no {PLAN_FILE}); move it away")
         if resume and sealed(tmp):
             return tmp  # finished but not yet renamed: the caller only installs it
-        if resume:
-            try:
-                with open(os.path.join(tmp, PLAN_FILE)) as f:
-                    found = json.load(f)["fingerprint"]
-            except (OSError, ValueError, KeyError):
-                found = None
+        if resume and os.listdir(tmp):
+            found = (planned or {}).get("fingerprint")
             if found != fingerprint:
                 raise CheckpointError(
                     f"{tmp}: partial conversion from a different source or options "
                     f"(plan fingerprint {str(found)[:12]}, expected {fingerprint[:12]}); "
-                    "pass --overwrite to start over")
+                    "--resume cannot continue it: rerun without --resume, with --overwrite, "
+                    "to start over")
             return tmp
-        if not overwrite:
+        if not resume and not overwrite:
             raise CheckpointError(f"{tmp}: an interrupted conversion is there; pass --resume "
                                   "to continue it or --overwrite to start over")
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp)  # ours: empty, or an interrupted conversion being started over
     os.makedirs(tmp)
-    orbax_io.write_json_durable(os.path.join(tmp, PLAN_FILE), {"fingerprint": fingerprint})
+    orbax_io.write_json_durable(os.path.join(tmp, PLAN_FILE),
+                                {"fingerprint": fingerprint, "overwrite": overwrite})
     _fsync_dir(os.path.dirname(tmp))
     return tmp
+
+
+def _read_plan(tmp: str) -> dict | None:
+    try:
+        with open(os.path.join(tmp, PLAN_FILE)) as f:
+            plan = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
+def _checkpoint_file(folder: str) -> str | None:
+    """The file showing `folder` is a finished jaxmoe checkpoint (or one saved by Orbax)."""
+    for f in (orbax_io.MARKER, orbax_io.ORBAX_METADATA):
+        if os.path.isfile(os.path.join(folder, f)):
+            return f
+    return None
+
+
+def listing(folder: str, n: int = 3) -> str:
+    names = sorted(os.listdir(folder))
+    return ", ".join(names[:n]) + (f", ... ({len(names)} entries)" if len(names) > n else "")
+
+
+# ------------------------------------------------------------------------ output path checks
+def check_output_path(out_dir: str, src: str | None = None) -> str:
+    """Absolute OUT_DIR after refusing an output that overlaps the input `src` (the same folder,
+    inside it or containing it: replacing it would delete the input), or that is a file or lies
+    under one. Deletes nothing."""
+    out = os.path.abspath(out_dir)
+    if src is not None:
+        s = os.path.realpath(src)
+        for p in (out, out + PARTIAL):
+            r = os.path.realpath(p)
+            how = ("is the input folder" if r == s else "lies inside the input folder"
+                   if r.startswith(s.rstrip(os.sep) + os.sep) else "contains the input folder"
+                   if s.startswith(r.rstrip(os.sep) + os.sep) else None)
+            if how:
+                what = f"output {out}" if p == out else f"{out}'s partial folder {p}"
+                raise CheckpointError(f"{what} {how} {os.path.abspath(src)}: writing there "
+                                      "would delete the input; choose an output folder "
+                                      "outside it")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"{out}: is a file, not a folder; choose another output path")
+    parent = os.path.dirname(out)
+    while not os.path.lexists(parent):  # the first existing ancestor must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{out}: its parent {parent} is not a folder")
+    return out
 
 
 def read_journal(tmp: str) -> set[str]:
@@ -183,16 +260,22 @@ def install(tmp: str, out_dir: str) -> None:
     for f in (JOURNAL, PLAN_FILE):
         if os.path.exists(os.path.join(tmp, f)):
             os.remove(os.path.join(tmp, f))
+    replace_folder(tmp, out_dir)
+
+
+def replace_folder(tmp: str, out_dir: str) -> None:
+    """Rename `tmp` to OUT_DIR. A previous OUT_DIR (checked replaceable by the caller) is moved
+    to a fresh `OUT_DIR.old-*` sibling and deleted only once the new folder is in place; no
+    other folder is ever removed."""
     out = os.path.abspath(out_dir)
     old = None
     if os.path.exists(out):
         if os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
         else:
-            old = out + ".old"
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.rename(out, old)
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-",
+                                   dir=os.path.dirname(out))
+            os.rename(out, old)  # (onto the empty folder just made: allowed by rename(2))
     os.rename(tmp, out)
     _fsync_dir(os.path.dirname(out))
     if old:
