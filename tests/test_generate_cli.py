@@ -1,7 +1,9 @@
 """`jaxmoe-generate`: a batch of prompts through a tokenizer.json, from a Hugging Face folder and
 from a jaxmoe-train workdir (parameters restored without the optimizer state), equals
 transformers' greedy continuation of each prompt; bad invocations exit with code 2 and one line
-naming the problem. (One prompt streaming through the byte-level fallback: test_quant.py.)
+naming the problem - those the arguments or the config alone decide before the weights are
+loaded, and none after any output. (One prompt streaming through the byte-level fallback:
+test_quant.py.)
 """
 
 from __future__ import annotations
@@ -112,3 +114,106 @@ def test_help_lists_the_flags(capsys):
     for flag in ("--ckpt", "--prompt", "--max-new-tokens", "--temperature", "--top-p", "--seed",
                  "--tokenizer", "--fp8", "--int8-experts"):
         assert flag in out
+
+
+def _no_load(monkeypatch):
+    """Make loading the weights fail the test: errors that the arguments (or the config) decide
+    must come before it."""
+    from jaxmoe.generate import checkpoint
+
+    def load(*a, **k):
+        raise AssertionError("checkpoint.load was called before the bad argument was reported")
+
+    monkeypatch.setattr(checkpoint, "load", load)
+
+
+def test_argument_errors_come_before_the_load(tmp_path, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    v3 = str(pu.saved("v3"))  # vocab 97, max_position_embeddings 64
+    small = word_tokenizer(tmp_path / "small.json", 97)
+    big = word_tokenizer(tmp_path / "big.json", 120)
+    bad_utf8 = tmp_path / "bad.txt"
+    bad_utf8.write_bytes(b"t1 t2\nt3 \xff t4\n")
+    base = ["--ckpt", v3, "--prompt", "t1 t2", "--tokenizer", small, "--max-new-tokens", "4"]
+    capsys.readouterr()  # (saving the oracle folder reports progress)
+    cases = [  # argument values alone
+        (["--temperature", "-1.0"], "--temperature -1.0: must be >= 0"),
+        (["--temperature", "nan"], "--temperature nan: must be >= 0"),
+        (["--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p 1.5: must be in (0, 1]"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be >= 0"),
+        (["--prefill-chunk", "0"], "--prefill-chunk 0: must be >= 1"),
+        (["--seed", "-1"], "--seed -1: must be in [0, 2**32)"),
+        (["--seed", str(2**64)], f"--seed {2**64}: must be in [0, 2**32)"),
+        (["--speculative", "--temperature", "0.5"], "--speculative decodes greedily"),
+        (["--tokenizer", str(tmp_path / "no.json")], f"--tokenizer {tmp_path}/no.json: no such"),
+        (["--prompt-file", str(bad_utf8)],
+         f"--prompt-file {bad_utf8}: not UTF-8 text: byte 0xff at offset 9 (line 2)"),
+        # what the config.json alone decides
+        (["--eos-id", "97"], "--eos-id 97: outside the model's vocabulary [0, 97) "
+                             "(vocab_size=97)"),
+        (["--eos-id", "9999"], "--eos-id 9999: outside the model's vocabulary [0, 97)"),
+        (["--eos-id", "-2"], "--eos-id -2: outside the model's vocabulary [0, 97)"),
+        (["--tokenizer", big], "120 tokens, but the model's vocab_size is 97"),
+        (["--max-new-tokens", "63"], "with max_new_tokens=63 it needs 65 positions"),
+    ]
+    for extra, msg in cases:
+        rc, out, err = cli_run(base + extra, capsys)
+        assert rc == 2 and err.startswith("jaxmoe-generate: error: ") and msg in err, (extra, err)
+        assert err.count("\n") == 1 and out == "", (extra, err, out)
+    # an argument error wins over a missing checkpoint (nothing is opened)
+    rc, out, err = cli_run(["--ckpt", str(tmp_path / "nope"), "--prompt", "x", "--top-p", "2"],
+                           capsys)
+    assert rc == 2 and "--top-p 2.0: must be in (0, 1]" in err, err
+
+
+def test_prompt_file_line_ends_and_unreadable(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_bytes("t1 t2\r\n\r\nt3 é\rt4\n".encode())
+    assert cli._read_prompt_file(str(f)) == ["t1 t2", "t3 é", "t4"]
+    rc, out, err = cli_run(["--ckpt", str(tmp_path), "--prompt-file", str(tmp_path)], capsys)
+    assert rc == 2 and f"--prompt-file {tmp_path}: no such file" in err, err
+
+
+def test_late_checks_after_load_and_before_output(tmp_path, capsys, monkeypatch):
+    """--speculative without an MTP module fails before the prompt is echoed; a workdir's config
+    is known only after the load, and its EOS / tokenizer checks still run before generating."""
+    v3 = str(pu.saved("v3"))  # transformers writes no MTP tensors
+    tok = word_tokenizer(tmp_path / "tok.json", 97)
+    base = ["--ckpt", v3, "--prompt", "t1 t2", "--tokenizer", tok, "--max-new-tokens", "4"]
+    rc, out, err = cli_run(base + ["--speculative"], capsys)
+    assert rc == 2 and out == "", out
+    assert err.startswith(f"jaxmoe-generate: error: --speculative: --ckpt {v3} has no MTP "
+                          "module") and err.count("\n") == 1, err
+    # a config that cannot be read ahead (as a workdir's): the same checks after the load
+    monkeypatch.setattr(cli, "_peek_config", lambda path: None)
+    ran = []
+    monkeypatch.setattr(engine, "run", lambda *a, **k: ran.append(1))
+    for extra, msg in ((["--eos-id", "9999"], "--eos-id 9999: outside the model's vocabulary "
+                                              "[0, 97) (vocab_size=97)"),
+                       (["--max-new-tokens", "63"], "it needs 65 positions")):
+        rc, out, err = cli_run(base + extra, capsys)
+        assert rc == 2 and msg in err and out == "" and not ran, (extra, err, out)
+
+
+def test_engine_api_names_its_arguments():
+    """The one check the CLI shares, worded for API callers; run() refuses a bad EOS id."""
+    cases = [(dict(temperature=-1.0), "temperature=-1.0: must be >= 0"),
+             (dict(top_p=0.0), "top_p=0.0: must be in (0, 1]"),
+             (dict(max_new_tokens=-3), "max_new_tokens=-3: must be >= 0"),
+             (dict(prefill_chunk=0), "prefill_chunk=0: must be >= 1"),
+             (dict(seed=2**32), f"seed={2**32}: must be in [0, 2**32)")]
+    for kw, msg in cases:
+        with pytest.raises(engine.GenerateError) as e:
+            engine.check_settings(**kw)
+        assert str(e.value).startswith(msg), (kw, str(e.value))
+    engine.check_settings(max_new_tokens=0, temperature=0.0, top_p=1.0, seed=2**32 - 1,
+                          prefill_chunk=1)
+    model = pu.load(pu.saved("v3"))
+    for eos in (97, -1):
+        with pytest.raises(engine.GenerateError) as e:
+            engine.run(model, [[1, 2]], 2, eos_id=eos)
+        assert str(e.value).startswith(f"eos_id={eos}: outside the model's vocabulary [0, 97)")
+        assert "(None: never stop early)" in str(e.value)
+    engine.check_eos(None, 97)
+    engine.check_eos(96, 97)

@@ -4,7 +4,9 @@ One prompt streams its continuation as it is produced; several (`--prompt` repea
 `--prompt-file` with one prompt per line) are decoded as one batch and printed in order when
 done. Timings and memory go to stderr with `--stats`. Exit codes: 0 done, 2 bad input (missing
 checkpoint, tokenizer not matching the model's vocabulary, prompt too long, ...), reported in
-one line naming it.
+one line naming it. Bad input is found before the weights are loaded wherever that can be:
+argument values at once, and, but for a jaxmoe-train workdir, what the model config decides
+(vocabulary, positions) from the config alone.
 """
 
 from __future__ import annotations
@@ -51,19 +53,82 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _prompts(a) -> list[str]:
+    from jaxmoe.generate.engine import GenerateError
+
     prompts = list(a.prompt)
     if a.prompt_file:
-        from jaxmoe.generate.engine import GenerateError
-
-        if not os.path.isfile(a.prompt_file):
-            raise GenerateError(f"--prompt-file {a.prompt_file}: no such file")
-        with open(a.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        prompts += _read_prompt_file(a.prompt_file)
     if not prompts:
-        from jaxmoe.generate.engine import GenerateError
-
         raise GenerateError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file (LF, CRLF or CR line ends)."""
+    from jaxmoe.generate.engine import GenerateError
+
+    if not os.path.isfile(path):
+        raise GenerateError(f"--prompt-file {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise GenerateError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GenerateError(f"--prompt-file {path}: not UTF-8 text: byte 0x{data[e.start]:02x} "
+                            f"at offset {e.start} (line {line}): {e.reason}") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [line for line in lines if line.strip()]
+
+
+def _check_args(a) -> None:
+    """What the arguments alone decide, so that a bad invocation fails before the (slow) load."""
+    from jaxmoe.generate import engine
+
+    engine.check_settings(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                          top_p=a.top_p, seed=a.seed, prefill_chunk=a.prefill_chunk, flags=True)
+    if a.speculative and a.temperature != 0:
+        raise engine.GenerateError("--speculative decodes greedily: use --temperature 0")
+    if a.tokenizer is not None and not os.path.isfile(a.tokenizer):
+        raise engine.GenerateError(f"--tokenizer {a.tokenizer}: no such file")
+
+
+def _peek_config(path: str):
+    """The model config of --ckpt without its weights (config.json of a Hugging Face folder, the
+    marker of a converted checkpoint); None for a jaxmoe-train workdir, whose model is known
+    only once its checkpoint is opened (jaxmoe.train.merge)."""
+    from jaxmoe import orbax_io
+    from jaxmoe.config import ModelConfig
+    from jaxmoe.generate import checkpoint
+    from jaxmoe.generate.engine import GenerateError
+    from jaxmoe.safetensors_io import CheckpointError
+
+    kind = checkpoint.kind_of(path)
+    if kind == "hf":
+        return ModelConfig.from_hf_config(os.path.join(path, "config.json"))
+    if kind == "orbax":
+        try:
+            return orbax_io.config_of(orbax_io.read_marker(path))
+        except CheckpointError as e:
+            raise GenerateError(f"--ckpt {path}: {e}") from None
+    return None
+
+
+def _inputs(a, prompts: list[str], cfg):
+    """(tokenizer, prompt ids, eos id) checked against the model config `cfg`."""
+    from jaxmoe.generate import engine
+    from jaxmoe.generate.tokenizer import load_tokenizer
+
+    tk = load_tokenizer(a.tokenizer, cfg.vocab_size)
+    ids = engine.check_prompts([tk.encode(p) for p in prompts], cfg, a.max_new_tokens)
+    if a.eos_id is None:
+        return tk, ids, engine.USE_CONFIG
+    eos = None if a.eos_id == -1 else a.eos_id
+    engine.check_eos(eos, cfg.vocab_size, flags=True)
+    return tk, ids, eos
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,22 +149,25 @@ def _run(a) -> int:
 
     from jaxmoe.generate import checkpoint, engine
     from jaxmoe.generate.engine import GenerateError
-    from jaxmoe.generate.tokenizer import Streamer, load_tokenizer
+    from jaxmoe.generate.tokenizer import Streamer
 
-    prompts = _prompts(a)  # before the (slow) load: a bad invocation fails at once
-    if a.speculative and a.temperature != 0:
-        raise GenerateError("--speculative decodes greedily: use --temperature 0")
+    # everything that can fail without the weights fails before the (slow) load
+    prompts = _prompts(a)
+    _check_args(a)
+    cfg = _peek_config(a.ckpt)
+    early = _inputs(a, prompts, cfg) if cfg is not None else None
     t0 = time.perf_counter()
     model = checkpoint.load(a.ckpt, dtype=a.dtype, fp8=a.fp8,
                             mtp="auto" if a.speculative else False)
-    tk = load_tokenizer(a.tokenizer, model.cfg.vocab_size)
+    if a.speculative and not len(model.mtp):
+        raise GenerateError(f"--speculative: --ckpt {a.ckpt} has no MTP module to draft with "
+                            "(num_nextn_predict_layers=0 or no MTP tensors in the checkpoint)")
+    tk, ids, eos = early or _inputs(a, prompts, model.cfg)
     if a.int8_experts:
         from jaxmoe.quant.int8 import quantize_experts_int8
 
         model = quantize_experts_int8(model)
     load_s = time.perf_counter() - t0
-    ids = [tk.encode(p) for p in prompts]
-    eos = engine.USE_CONFIG if a.eos_id is None else (None if a.eos_id < 0 else a.eos_id)
     stream = len(prompts) == 1 and not a.no_stream
     streamer = Streamer(tk)
     out = sys.stdout

@@ -148,8 +148,7 @@ def check_prompts(prompt_ids, cfg, max_new_tokens: int) -> list[list[int]]:
     if all(isinstance(t, (int, np.integer)) for t in prompt_ids):
         raise GenerateError("prompt_ids must be a list of token-id lists (one per prompt); got "
                             "a flat list of ints: wrap it as [ids]")
-    if max_new_tokens < 0:
-        raise GenerateError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    check_settings(max_new_tokens=max_new_tokens)
     out = []
     V, limit = cfg.vocab_size, cfg.max_position_embeddings
     for i, p in enumerate(prompt_ids):
@@ -175,11 +174,41 @@ def check_prompts(prompt_ids, cfg, max_new_tokens: int) -> list[list[int]]:
     return out
 
 
-def check_sampling(temperature: float, top_p: float) -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise GenerateError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise GenerateError(f"top_p={top_p}: must be in (0, 1]")
+SEED_LIMIT = 2**32  # PRNGKey keeps 32 bits of the seed: seed + 2**32 would repeat seed's stream
+
+
+def _named(arg: str, value, flags: bool) -> str:
+    """A setting as an error names it: `top_p=0.0` (the API) or `--top-p 0.0` (the CLI)."""
+    return f"--{arg.replace('_', '-')} {value}" if flags else f"{arg}={value}"
+
+
+def check_settings(*, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                   flags: bool = False) -> None:
+    """The checks that need no model: `run` applies them, `jaxmoe-generate` too but before it
+    loads a checkpoint (flags=True names the command-line flags instead of the arguments)."""
+    rules = (
+        ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "must be >= 0"),
+        ("temperature", temperature, temperature >= 0 and math.isfinite(temperature),
+         "must be >= 0 (0 = greedy)"),
+        ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1]"),
+        ("seed", seed, 0 <= seed < SEED_LIMIT, f"must be in [0, 2**32) (the random key keeps "
+                                                "32 bits of it)"),
+        ("prefill_chunk", prefill_chunk, prefill_chunk >= 1, "must be >= 1"),
+    )
+    for arg, value, ok, rule in rules:
+        if not ok:
+            raise GenerateError(f"{_named(arg, value, flags)}: {rule}")
+
+
+def check_eos(eos_id: int | None, vocab_size: int, *, flags: bool = False) -> None:
+    """An explicit EOS id must be a token of the vocabulary: one outside it is never generated,
+    so it would silently never stop a prompt. None (never stop) passes."""
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        never = "-1" if flags else "None"
+        raise GenerateError(f"{_named('eos_id', eos_id, flags)}: outside the model's vocabulary "
+                            f"[0, {vocab_size}) (vocab_size={vocab_size}); it could never be "
+                            f"generated ({never}: never stop early)")
 
 
 def split_committed(model) -> tuple:
@@ -208,10 +237,12 @@ def run(model: DeepseekV3, prompt_ids, max_new_tokens: int = 32, *, temperature:
     (and with keep_logits=True the logits each new token was chosen from)."""
     cfg = model.cfg
     prompts = check_prompts(prompt_ids, cfg, max_new_tokens)
-    check_sampling(temperature, top_p)
-    if prefill_chunk < 1:
-        raise GenerateError(f"prefill_chunk={prefill_chunk}: must be >= 1")
-    eos = cfg.eos_token_id if eos_id == USE_CONFIG else eos_id
+    check_settings(temperature=temperature, top_p=top_p, seed=seed, prefill_chunk=prefill_chunk)
+    if isinstance(eos_id, str) and eos_id == USE_CONFIG:
+        eos = cfg.eos_token_id
+    else:
+        check_eos(eos_id, cfg.vocab_size)
+        eos = eos_id
     B = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     T = int(lens.max())
