@@ -8,10 +8,14 @@ published configs. Every combination that cannot run raises `ConfigError` naming
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import numbers
 import os
 from typing import Any, Mapping
+
+import numpy as np
 
 # Official `inference/model.py` ModelArgs name -> our (HF) field name. Rope fields live in
 # `rope_scaling` on the HF side; we keep them flat.
@@ -126,6 +130,11 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {msg}")
 
+        # Types first: a string or a float width would otherwise fail far away (a comparison
+        # TypeError below, or a non-integer shape deep inside JAX).
+        for f, (kind, optional) in field_kinds().items():
+            bad = type_problem(getattr(self, f), kind, optional)
+            need(bad is None, f, bad or "")
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             need(getattr(self, f) > 0, f, "must be positive")
@@ -240,149 +249,88 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------ HF mapping
     @classmethod
-    def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
-                       ) -> "ModelConfig":
-        """Build from a Hugging Face `config.json` (a path to the file or its folder, or a dict)."""
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], *,
+                       source: str | None = None, **overrides) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` (a path to the file or its folder, or a dict).
+
+        Every problem raises ConfigError naming the file (`source` names it for a dict), the
+        field, and what was expected instead of what was found.
+        """
         if isinstance(path_or_dict, Mapping):
-            d, where = dict(path_or_dict), "config dict"
+            d, where = dict(path_or_dict), source or "config dict"
         else:
             p = os.fspath(path_or_dict)
             if os.path.isdir(p):
                 p = os.path.join(p, "config.json")
             if not os.path.exists(p):
                 raise FileNotFoundError(f"no config.json at {p}")
-            with open(p) as f:
-                try:
-                    d = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{p}: not valid JSON ({e})") from None
-            where = p
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        missing = [k for k in required if d.get(k) is None]
-        if missing:
-            raise ConfigError(f"{where}: missing required field(s) {missing}")
-        model_type = d.get("model_type", "deepseek_v3")
-        kw: dict[str, Any] = {}
-        direct = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                  "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-                  "n_shared_experts", "num_experts_per_tok", "routed_scaling_factor",
-                  "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-                  "initializer_range", "bos_token_id", "eos_token_id", "first_k_dense_replace")
-        for k in direct:
-            if d.get(k) is not None:
-                kw[k] = d[k]
-        if not kw.get("q_lora_rank"):
-            kw["q_lora_rank"] = None  # official code uses 0 for "no query compression"
-        kw["num_nextn_predict_layers"] = int(d.get("num_nextn_predict_layers") or 0)
-        kv_heads = d.get("num_key_value_heads")
-        if kv_heads not in (None, d["num_attention_heads"]):
-            raise ConfigError(f"{where}: num_key_value_heads={kv_heads} must equal "
-                              f"num_attention_heads={d['num_attention_heads']} (MLA has no GQA)")
-        if d.get("moe_layer_freq", 1) != 1:
-            raise ConfigError(f"{where}: moe_layer_freq={d['moe_layer_freq']} unsupported (only 1)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r} unsupported (only silu)")
-        if d.get("attention_bias"):
-            raise ConfigError(f"{where}: attention_bias=true unsupported (DeepSeek has none)")
-        if d.get("rope_interleave") is False:
-            raise ConfigError(f"{where}: rope_interleave=false means permuted rope weights; "
-                              "jaxmoe expects the published interleaved layout")
-        # Routing: V3 is sigmoid + noaux_tc; V2 uses softmax with topk_method greedy/group_limited.
-        if model_type == "deepseek_v3":
-            kw["scoring_func"] = d.get("scoring_func", "sigmoid")
-            kw["topk_method"] = d.get("topk_method", "noaux_tc")
-        else:
-            kw["scoring_func"] = d.get("scoring_func", "softmax")
-            kw["topk_method"] = d.get("topk_method") or "greedy"
-        if kw["topk_method"] == "gready":  # historical misspelling in V2 remote code
-            kw["topk_method"] = "greedy"
-        kw["norm_topk_prob"] = bool(d.get("norm_topk_prob", model_type == "deepseek_v3"))
-        kw["n_group"] = int(d.get("n_group") or 1)
-        kw["topk_group"] = int(d.get("topk_group") or 1)
-        # Rope: transformers 5 writes rope_parameters (with rope_theta inside); older configs
-        # rope_scaling + top-level rope_theta.
-        rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        kw["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
-        rtype = rp.get("rope_type", rp.get("type", "default"))
-        if rtype not in ("default", "yarn"):
-            raise ConfigError(f"{where}: rope type {rtype!r} unsupported (default or yarn)")
-        kw["rope_type"] = rtype
-        if rtype == "yarn":
-            omp = rp.get("original_max_position_embeddings")
-            if omp is None:
-                raise ConfigError(f"{where}: yarn rope needs original_max_position_embeddings")
-            factor = rp.get("factor")
-            if factor is None:  # transformers derives it from the two lengths
-                factor = kw["max_position_embeddings"] / omp
-            kw.update(rope_factor=float(factor), original_max_position_embeddings=int(omp),
-                      beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
-                      mscale=float(rp.get("mscale") or 0), mscale_all_dim=float(rp.get("mscale_all_dim") or 0),
-                      rope_truncate=bool(rp.get("truncate", True)))
-            if rp.get("attention_factor") is not None:
-                raise ConfigError(f"{where}: rope attention_factor override unsupported")
-        kw.update(overrides)
-        try:
-            return cls(**kw)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            d, where = read_json_object(p, ConfigError), p
+        from jaxmoe.hf_config import from_hf_dict
+
+        return from_hf_dict(d, where, overrides)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' DeepseekV3Config/V2Config reads back."""
-        v3 = self.topk_method == "noaux_tc"
-        d: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-            "model_type": "deepseek_v3" if v3 else "deepseek_v2",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_nextn_predict_layers": self.num_nextn_predict_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_attention_heads,
-            "n_shared_experts": self.n_shared_experts, "n_routed_experts": self.n_routed_experts,
-            "num_experts_per_tok": self.num_experts_per_tok, "n_group": self.n_group,
-            "topk_group": self.topk_group, "topk_method": self.topk_method,
-            "scoring_func": self.scoring_func, "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "first_k_dense_replace": self.first_k_dense_replace, "moe_layer_freq": 1,
-            "q_lora_rank": self.q_lora_rank, "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
-            "initializer_range": self.initializer_range, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "rope_interleave": True,
-        }
-        rp: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type == "yarn":
-            rp.update(factor=self.rope_factor,
-                      original_max_position_embeddings=self.original_max_position_embeddings,
-                      beta_fast=self.beta_fast, beta_slow=self.beta_slow, mscale=self.mscale,
-                      mscale_all_dim=self.mscale_all_dim)
-        d["rope_parameters"] = rp
-        return d
+        from jaxmoe.hf_config import to_hf_dict
+
+        return to_hf_dict(self)
 
     @classmethod
     def from_official_args(cls, args: Mapping[str, Any], **overrides) -> "ModelConfig":
         """Build from the official `inference/configs/*.json` (ModelArgs names)."""
-        kw: dict[str, Any] = {}
-        for k, v in args.items():
-            if k in OFFICIAL_NAMES:
-                kw[OFFICIAL_NAMES[k]] = v
-        if not kw.get("q_lora_rank"):
-            kw["q_lora_rank"] = None
-        sig = args.get("score_func", "softmax") == "sigmoid"
-        groups = int(args.get("n_expert_groups", 1))
-        kw.setdefault("scoring_func", "softmax")
-        kw["topk_method"] = "noaux_tc" if sig else ("group_limited_greedy" if groups > 1 else "greedy")
-        kw["norm_topk_prob"] = sig  # official renormalises iff sigmoid scoring
-        kw.setdefault("n_group", groups)
-        kw.setdefault("topk_group", int(args.get("n_limited_groups", 1)))
-        kw["mscale"] = kw.get("mscale_all_dim", 1.0)
-        kw.update(overrides)
-        return cls(**kw)
+        from jaxmoe.hf_config import from_official_args
+
+        return from_official_args(args, **overrides)
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false",
+             "str": "a string"}
+
+
+@functools.cache
+def field_kinds() -> dict[str, tuple[str, bool]]:
+    """ModelConfig field -> (kind, accepts None), from the declared types ("int | None", ...)."""
+    out = {}
+    for f in dataclasses.fields(ModelConfig):
+        parts = [t.strip() for t in str(f.type).split("|")]
+        kind = next(t for t in parts if t != "None")
+        assert kind in _EXPECTED, (f.name, f.type)  # a new field type needs a check below
+        out[f.name] = (kind, "None" in parts)
+    return out
+
+
+def type_problem(value: Any, kind: str, optional: bool) -> str | None:
+    """None when `value` fits `kind`, else "expected ..." for the message. Integers are never
+    bools or floats (32.0 included: config.json writes widths as integers); numbers accept
+    integers."""
+    if value is None and optional:
+        return None
+    if kind == "bool":
+        ok = isinstance(value, (bool, np.bool_))
+    elif isinstance(value, bool):  # a bool is a numbers.Integral, never a width
+        ok = False
+    elif kind == "int":
+        ok = isinstance(value, numbers.Integral)
+    elif kind == "float":
+        ok = isinstance(value, numbers.Real)
+    else:
+        ok = isinstance(value, str)
+    return None if ok else f"expected {_EXPECTED[kind]}" + (" or None" if optional else "")
+
+
+def read_json_object(path: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`; unreadable, malformed or non-object JSON raises `error`
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -7,7 +7,6 @@ or unexpected tensors by name. `load_model` builds a DeepseekV3 from such a fold
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Iterator
@@ -18,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmoe import hf_mapping
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig, read_json_object
 from jaxmoe.model import DeepseekV3
 from jaxmoe.quant.fp8 import SCALE_SUFFIX, dequantize_rows
 from jaxmoe.safetensors_io import CheckpointError, SafetensorsFile
@@ -45,13 +44,11 @@ class HFCheckpoint:
         self.config_path = os.path.join(self.path, "config.json")
         if not os.path.exists(self.config_path):
             raise CheckpointError(f"{self.path}: no config.json")
-        with open(self.config_path) as f:
-            self.config_json = json.load(f)
+        self.config_json = read_json_object(self.config_path, CheckpointError)
         index = os.path.join(self.path, "model.safetensors.index.json")
         self.weight_map: dict[str, str] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                self.weight_map = dict(json.load(f)["weight_map"])
+            self.weight_map = read_weight_map(index)
             for fname in sorted(set(self.weight_map.values())):
                 if not os.path.exists(os.path.join(self.path, fname)):
                     raise CheckpointError(f"{self.path}: shard {fname} listed in "
@@ -64,8 +61,7 @@ class HFCheckpoint:
                 for k in SafetensorsFile(os.path.join(self.path, fname)).keys():
                     self.weight_map[k] = fname
         self._files: dict[str, SafetensorsFile] = {}
-        qc = self.config_json.get("quantization_config") or {}
-        self.fp8_block = tuple(qc.get("weight_block_size", (FP8_BLOCK, FP8_BLOCK)))
+        self.fp8_block = fp8_block_of(self.config_json, self.config_path)
 
     def file(self, fname: str) -> SafetensorsFile:
         if fname not in self._files:
@@ -101,9 +97,43 @@ class HFCheckpoint:
         return a
 
 
+def read_weight_map(index: str) -> dict[str, str]:
+    """model.safetensors.index.json's `weight_map` (tensor name -> shard file), checked."""
+    wm = read_json_object(index, CheckpointError).get("weight_map")
+    if not isinstance(wm, dict):
+        found = "none" if wm is None else f"a {type(wm).__name__}"
+        raise CheckpointError(f"{index}: needs a 'weight_map' object (tensor name -> shard "
+                              f"file), found {found}")
+    for name, fname in wm.items():
+        if not isinstance(fname, str) or not fname:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {fname!r}: expected a shard "
+                                  "file name")
+    return dict(wm)
+
+
+def fp8_block_of(config_json: dict, config_path: str) -> tuple[int, int]:
+    """quantization_config.weight_block_size (default 128x128), checked."""
+    qc = config_json.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{config_path}: quantization_config = {qc!r}: expected an object")
+    block = qc.get("weight_block_size")
+    if block is None:
+        return (FP8_BLOCK, FP8_BLOCK)
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"{config_path}: quantization_config.weight_block_size = {block!r}: "
+                              "expected two positive integers")
+    return tuple(block)
+
+
 def model_config_for(ckpt: HFCheckpoint, dtype: str, mtp: str | bool = "auto", **overrides
                      ) -> ModelConfig:
-    cfg = ModelConfig.from_hf_config(ckpt.config_json, param_dtype=dtype, dtype=dtype, **overrides)
+    """The checkpoint's ModelConfig; an unusable config.json raises CheckpointError naming it."""
+    try:
+        cfg = ModelConfig.from_hf_config(ckpt.config_json, source=ckpt.config_path,
+                                         param_dtype=dtype, dtype=dtype, **overrides)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     n = cfg.num_nextn_predict_layers
     present = n and f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight" in ckpt
     if mtp == "auto":

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ModelConfig, read_json_object
 from jaxmoe.safetensors_io import CheckpointError
 
 MARKER = "jaxmoe.json"
@@ -55,11 +55,14 @@ def read_marker(path) -> dict:
     if not os.path.exists(m) or not os.path.exists(os.path.join(p, ORBAX_METADATA)):
         raise CheckpointError(f"{p}: not a finished jaxmoe checkpoint (no {MARKER} / "
                               f"{ORBAX_METADATA}; an interrupted conversion never gets them)")
-    with open(m) as f:
-        meta = json.load(f)
+    meta = read_json_object(m, CheckpointError)
     if meta.get("format") != FORMAT or not meta.get("complete"):
         raise CheckpointError(f"{m}: format {meta.get('format')!r} complete="
                               f"{meta.get('complete')!r}, expected {FORMAT!r} complete=true")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("param_dtype"), str):
+        raise CheckpointError(f"{m}: needs a 'config' object and a 'param_dtype' string, found "
+                              f"{type(meta.get('config')).__name__} / "
+                              f"{type(meta.get('param_dtype')).__name__}")
     return meta
 
 
@@ -90,8 +93,7 @@ def open_array(directory, name: str, context=None):
     import tensorstore as ts
 
     d = os.fspath(directory)
-    with open(os.path.join(d, ORBAX_METADATA)) as f:
-        meta = json.load(f)
+    meta = read_json_object(os.path.join(d, ORBAX_METADATA), CheckpointError)
     if meta.get("use_ocdbt", True):
         kv = kvstore_spec(d, name)
     else:
@@ -103,9 +105,13 @@ def open_array(directory, name: str, context=None):
 
 
 def stored_names(directory) -> list[str]:
-    with open(os.path.join(os.fspath(directory), ORBAX_METADATA)) as f:
-        tree = json.load(f)["tree_metadata"]
-    return [".".join(k["key"] for k in v["key_metadata"]) for v in tree.values()]
+    p = os.path.join(os.fspath(directory), ORBAX_METADATA)
+    tree = read_json_object(p, CheckpointError).get("tree_metadata")
+    try:
+        return [".".join(k["key"] for k in v["key_metadata"]) for v in tree.values()]
+    except (AttributeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p}: not Orbax tree metadata (tree_metadata.*.key_metadata"
+                              f"[].key expected; {type(e).__name__}: {e})") from None
 
 
 def orbax_metadata(params: Mapping[tuple, tuple]) -> dict:

@@ -288,3 +288,77 @@ def test_load_model_missing_config(hf_ckpt, tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"config\.json"):
         jaxmoe.load_model(folder)
+
+
+# ------------------------------------------------------------------------ malformed config / index JSON
+@pytest.mark.parametrize("text,msg", [
+    ('{"hidden_size": 64,', r"config\.json: not valid JSON"),
+    ("[]", r"config\.json: expected a JSON object, found list"),
+])
+def test_load_model_malformed_config_json(hf_ckpt, tmp_path, text, msg):
+    src, t = hf_ckpt
+    folder = _folder(src, tmp_path / "ck", t)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=msg):
+        jaxmoe.load_model(folder)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("hidden_size", "sixty-four", r"config\.json: hidden_size = 'sixty-four': expected an integer"),
+    ("moe_intermediate_size", 32.0, r"config\.json: moe_intermediate_size = 32\.0: expected an integer"),
+    ("quantization_config", {"weight_block_size": [128]},
+     r"config\.json: quantization_config\.weight_block_size = \[128\]: expected two positive"),
+])
+def test_load_model_wrong_config_value_type(hf_ckpt, tmp_path, key, value, msg):
+    src, t = hf_ckpt
+    folder = _folder(src, tmp_path / "ck", t)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(CheckpointError, match=msg):
+        jaxmoe.load_model(folder)
+
+
+@pytest.mark.parametrize("index,msg", [
+    ('{"weight_map": {"a": ', r"index\.json: not valid JSON"),
+    ('["model-00001-of-00002.safetensors"]', r"index\.json: expected a JSON object, found list"),
+    ('{"metadata": {}}', r"index\.json: needs a 'weight_map' object .*found none"),
+    ('{"weight_map": ["a"]}', r"index\.json: needs a 'weight_map' object .*found a list"),
+    ('{"weight_map": {"lm_head.weight": 1}}', r"index\.json: weight_map\['lm_head\.weight'\] = 1: expected"),
+    ('{"weight_map": {"lm_head.weight": null}}', r"index\.json: weight_map\['lm_head\.weight'\] = None"),
+])
+def test_load_model_malformed_index(hf_ckpt, tmp_path, index, msg):
+    src, t = hf_ckpt
+    folder = _folder(src, tmp_path / "ck", t, n_shards=2)
+    (folder / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=msg):
+        HFCheckpoint(folder)
+    with pytest.raises(CheckpointError, match=msg):
+        jaxmoe.load_model(folder)
+
+
+@pytest.mark.parametrize("marker,msg", [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"format": "%s", "complete": true}', "needs a 'config' object"),
+    ('{"format": "%s", "complete": true, "config": [], "param_dtype": "float32"}',
+     "needs a 'config' object"),
+])
+def test_converted_checkpoint_corrupt_marker_names_file(tmp_path, marker, msg):
+    from jaxmoe import orbax_io
+    (tmp_path / orbax_io.ORBAX_METADATA).write_text("{}")
+    text = marker % orbax_io.FORMAT if "%s" in marker else marker
+    (tmp_path / orbax_io.MARKER).write_text(text)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        jaxmoe.load_model(str(tmp_path))
+    assert orbax_io.MARKER in str(e.value)
+
+
+@pytest.mark.parametrize("meta,msg", [("{oops", "not valid JSON"),
+                                      ('{"tree_metadata": {"a": {}}}', "not Orbax tree metadata"),
+                                      ('{"tree_metadata": 3}', "not Orbax tree metadata")])
+def test_converted_checkpoint_corrupt_orbax_metadata_names_file(tmp_path, meta, msg):
+    from jaxmoe import orbax_io
+    (tmp_path / orbax_io.ORBAX_METADATA).write_text(meta)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        orbax_io.stored_names(str(tmp_path))
+    assert orbax_io.ORBAX_METADATA in str(e.value)

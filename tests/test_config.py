@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import jax
 import numpy as np
@@ -299,3 +300,75 @@ def test_from_official_args_236b():
     # spec §1.2 uncertainty: the official 236B file leaves mscale at 1.0; the preset follows HF's 0.707
     assert set(d) <= {"bos_token_id", "eos_token_id", "mscale", "mscale_all_dim"}, d
     assert c.mscale_all_dim == 1.0
+
+
+# ------------------------------------------------------------------------------------ value types
+@pytest.mark.parametrize("key,value,expected", [
+    ("hidden_size", "sixty-four", "an integer"),
+    ("moe_intermediate_size", 32.0, "an integer"),        # integral floats too: HF writes ints
+    ("num_hidden_layers", 2.5, "an integer"),
+    ("vocab_size", True, "an integer"),                   # a bool is not a width
+    ("n_group", "8", "an integer"),
+    ("num_nextn_predict_layers", 1.0, "an integer"),
+    ("routed_scaling_factor", "2.5", "a number"),
+    ("rms_norm_eps", [1e-6], "a number"),
+    ("norm_topk_prob", "false", "true or false"),
+    ("tie_word_embeddings", 0, "true or false"),
+    ("topk_method", 3, "a string"),
+    ("q_lora_rank", 1536.0, "an integer"),
+])
+def test_from_hf_config_wrong_value_type_names_field_and_file(tmp_path, key, value, expected):
+    (tmp_path / "config.json").write_text(json.dumps({**V3_CONFIG_JSON, key: value}))
+    msg = rf"config\.json: {key} = {re.escape(repr(value))}: expected {expected}$"
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig.from_hf_config(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^cfg\.json: {key} = "):  # a dict, named by `source`
+        ModelConfig.from_hf_config({**V3_CONFIG_JSON, key: value}, source="cfg.json")
+
+
+@pytest.mark.parametrize("rope,msg", [
+    ("yarn", r"rope_scaling = 'yarn': expected an object"),
+    ({**V3_CONFIG_JSON["rope_scaling"], "factor": "40"}, r"rope_scaling\.factor = '40': expected a number"),
+    ({**V3_CONFIG_JSON["rope_scaling"], "original_max_position_embeddings": 4096.0},
+     r"rope_scaling\.original_max_position_embeddings = 4096\.0: expected an integer"),
+    ({**V3_CONFIG_JSON["rope_scaling"], "original_max_position_embeddings": 0},
+     r"original_max_position_embeddings = 0: must be positive"),
+    ({**V3_CONFIG_JSON["rope_scaling"], "type": 1}, r"rope_scaling\.type = 1: expected a string"),
+])
+def test_from_hf_config_wrong_rope_types(rope, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig.from_hf_config({**V3_CONFIG_JSON, "rope_scaling": rope})
+
+
+def test_from_hf_config_accepts_numbers_for_floats_and_null_for_optionals():
+    c = ModelConfig.from_hf_config({**V3_CONFIG_JSON, "routed_scaling_factor": 3, "rope_theta": 5e4,
+                                    "bos_token_id": None, "q_lora_rank": None, "n_group": None,
+                                    "topk_group": None, "num_experts_per_tok": 2})
+    assert (c.routed_scaling_factor, c.rope_theta, c.q_lora_rank, c.n_group) == (3, 5e4, None, 1)
+    assert c.bos_token_id == 0  # null falls back to the default, as before
+
+
+@pytest.mark.parametrize("text", ['{"hidden_size": 64,', "[1, 2]", "\udcff"])
+def test_from_hf_config_malformed_json_names_file(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match=r"config\.json: (not valid JSON|expected a JSON object)"):
+        ModelConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(hidden_size=32.0), "ModelConfig.hidden_size=32.0: expected an integer"),
+    (dict(num_attention_heads="4"), "ModelConfig.num_attention_heads='4': expected an integer"),
+    (dict(q_lora_rank=1.5), "ModelConfig.q_lora_rank=1.5: expected an integer or None"),
+    (dict(rope_theta="1e4"), "ModelConfig.rope_theta='1e4': expected a number"),
+    (dict(norm_topk_prob=1), "ModelConfig.norm_topk_prob=1: expected true or false"),
+    (dict(moe_impl=None), "ModelConfig.moe_impl=None: expected a string"),
+])
+def test_model_config_checks_field_types(kw, msg):
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        jaxmoe.tiny(**kw)
+
+
+def test_model_config_accepts_numpy_scalars_and_ints_for_floats():
+    c = jaxmoe.tiny(hidden_size=np.int64(48), routed_scaling_factor=2, rope_theta=np.float32(1e4),
+                    norm_topk_prob=np.bool_(False))
+    assert (c.hidden_size, c.routed_scaling_factor, c.norm_topk_prob) == (48, 2, False)
