@@ -111,21 +111,60 @@ def stdlib_corpora(eval_fraction: float, max_bytes: int = 0) -> tuple[Corpus, Co
             _from_docs(held, 256, tag + ":eval", np.uint8, True))
 
 
-def _open_memmap(path: str, bin_dtype: str) -> np.ndarray:
+CHUNK_BYTES = 4 << 20  # scans of a memmap read it this many bytes at a time (bounded memory)
+
+
+def _chunks(tokens: np.ndarray):
+    """(offset, chunk) over a 1-D (memmap) array, a few MiB at a time."""
+    step = max(CHUNK_BYTES // tokens.dtype.itemsize, 1)
+    for lo in range(0, len(tokens), step):
+        yield lo, np.asarray(tokens[lo:lo + step])
+
+
+def _open_memmap(path: str, bin_dtype: str, flag: str = "path") -> np.ndarray:
+    where = f"--data.{flag}={path!r}"
+    size = os.path.getsize(path)
+    if size == 0:
+        raise TrainConfigError(f"{where}: the file is empty (0 bytes); expected tokens")
     if path.endswith(".npy"):
-        a = np.load(path, mmap_mode="r")
+        try:
+            a = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:  # a bad header, pickled objects, truncated data
+            raise TrainConfigError(f"{where}: not a readable .npy array ({e})") from None
         if a.ndim != 1:
             a = a.reshape(-1)
     else:
-        a = np.memmap(path, dtype=np.dtype(bin_dtype), mode="r")
+        dt = np.dtype(bin_dtype)
+        if size % dt.itemsize:
+            raise TrainConfigError(
+                f"{where}: {size} bytes is not a whole number of {dt.name} tokens "
+                f"({dt.itemsize} bytes each; {size % dt.itemsize} byte(s) left over) - "
+                f"a truncated file or the wrong --data.bin_dtype={bin_dtype!r}")
+        a = np.memmap(path, dtype=dt, mode="r")
     if not np.issubdtype(a.dtype, np.integer):
-        raise TrainConfigError(f"--data.path={path!r}: tokens must be integers, not {a.dtype}")
+        raise TrainConfigError(f"{where}: tokens must be integers, not {a.dtype}")
+    if not len(a):
+        raise TrainConfigError(f"{where}: the array holds no tokens (shape {a.shape})")
     return a
+
+
+def check_token_range(tokens: np.ndarray, where: str, vocab: int) -> None:
+    """Every id in [0, vocab), scanned once at load in CHUNK_BYTES pieces (a memmap is never
+    read whole), so a bad id fails before compiling rather than when its batch comes up."""
+    signed = np.issubdtype(tokens.dtype, np.signedinteger)
+    for lo, c in _chunks(tokens):
+        if c.max() >= vocab or (signed and c.min() < 0):
+            i = int(np.flatnonzero((c >= vocab) | (c < 0))[0])
+            v = int(c[i])
+            why = "is negative" if v < 0 else f">= vocab {vocab}"
+            raise TrainConfigError(f"{where}: token id {v} at position {lo + i} {why} (token "
+                                   f"ids must be in [0, {vocab}), the model's vocab_size)")
 
 
 def memmap_corpus(tokens: np.ndarray, eos_id: int, name: str, vocab: int) -> Corpus:
     if eos_id >= 0:
-        ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1
+        ends = np.concatenate([np.flatnonzero(c == eos_id) + (lo + 1) for lo, c in _chunks(tokens)]
+                              or [np.zeros(0, np.int64)])
         starts = np.concatenate([[0], ends[ends < len(tokens)]]).astype(np.int64)
     else:
         starts = np.zeros(1, np.int64)
@@ -137,8 +176,10 @@ def memmap_corpus(tokens: np.ndarray, eos_id: int, name: str, vocab: int) -> Cor
 def memmap_corpora(d: DataSection, vocab: int) -> tuple[Corpus, Corpus]:
     """A pre-tokenized stream; eval is `eval_path` or the stream's last eval_fraction."""
     tok = _open_memmap(d.path, d.bin_dtype)
+    check_token_range(tok, f"--data.path={d.path!r}", vocab)
     if d.eval_path:
-        ev = _open_memmap(d.eval_path, d.bin_dtype)
+        ev = _open_memmap(d.eval_path, d.bin_dtype, "eval_path")
+        check_token_range(ev, f"--data.eval_path={d.eval_path!r}", vocab)
         return (memmap_corpus(tok, d.eos_id, d.path, vocab),
                 memmap_corpus(ev, d.eos_id, d.eval_path, vocab))
     cut = len(tok) - int(len(tok) * d.eval_fraction)
@@ -148,18 +189,22 @@ def memmap_corpora(d: DataSection, vocab: int) -> tuple[Corpus, Corpus]:
 
 def _read_jsonl(path: str, key: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainConfigError(f"{path}:{i + 1}: not JSON ({e})") from None
-            if not isinstance(obj, dict) or key not in obj:
-                raise TrainConfigError(f"{path}:{i + 1}: no {key!r} field (--data.text_key)")
-            texts.append(str(obj[key]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TrainConfigError(f"{path}:{i + 1}: not JSON ({e})") from None
+                if not isinstance(obj, dict) or key not in obj:
+                    raise TrainConfigError(f"{path}:{i + 1}: no {key!r} field (--data.text_key)")
+                texts.append(str(obj[key]))
+    except UnicodeDecodeError as e:  # a binary file (e.g. a .npy) given as the .jsonl
+        raise TrainConfigError(f"{path}: not UTF-8 text ({e.reason}); expected one JSON object "
+                               "per line") from None
     return texts
 
 
@@ -168,7 +213,11 @@ def jsonl_corpora(d: DataSection) -> tuple[Corpus, Corpus]:
     has one of </s>, <|endoftext|>, <eos>) is appended to each document."""
     from tokenizers import Tokenizer
 
-    tk = Tokenizer.from_file(d.tokenizer)
+    try:
+        tk = Tokenizer.from_file(d.tokenizer)
+    except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+        raise TrainConfigError(f"--data.tokenizer={d.tokenizer!r}: not a tokenizer.json the "
+                               f"tokenizers library can load ({e})") from None
     vocab = tk.get_vocab_size(with_added_tokens=True)
     eos = next((tk.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>")
                 if tk.token_to_id(t) is not None), None)
@@ -193,12 +242,22 @@ def jsonl_corpora(d: DataSection) -> tuple[Corpus, Corpus]:
             _from_docs(docs_of(held), vocab, tag + ":eval", dtype))
 
 
+FILE_KINDS = {"path": ".npy / .bin tokens or a .jsonl", "eval_path": "the same kind as --data.path",
+              "tokenizer": "a tokenizer.json"}
+
+
 def check_paths(d: DataSection) -> None:
-    """Missing files fail here, before anything is built."""
+    """Missing files and folders fail here, before anything is built."""
     for flag in ("path", "eval_path", "tokenizer"):
         p = getattr(d, flag)
         if p and not os.path.exists(p):
             raise TrainConfigError(f"--data.{flag}={p!r}: no such file")
+        if p and os.path.isdir(p):  # each flag names one file; folders and globs are not read
+            hint = ""
+            if flag == "tokenizer" and os.path.isfile(os.path.join(p, "tokenizer.json")):
+                hint = f" (pass {os.path.join(p, 'tokenizer.json')!r})"
+            raise TrainConfigError(f"--data.{flag}={p!r}: is a folder, expected a file "
+                                   f"({FILE_KINDS[flag]}){hint}")
 
 
 def load_corpora(d: DataSection, model_vocab: int) -> tuple[Corpus, Corpus]:
@@ -230,9 +289,13 @@ def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int) -> dict[str, np.nd
     new = np.concatenate([np.ones((len(rows), 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
     first = np.maximum.accumulate(np.where(new, np.arange(T1)[None, :], 0), axis=1)
     positions = (np.arange(T1)[None, :] - first).astype(np.int32)
+    # load_corpora already range-checked every memmap id; this per-batch guard (one min/max over
+    # the few rows just gathered) covers corpora built another way (tests, tools).
     if len(tokens) and tokens.max(initial=0) >= corpus.vocab:
         raise TrainConfigError(f"{corpus.name}: token id {int(tokens.max())} >= vocab "
                                f"{corpus.vocab}")
+    if len(tokens) and tokens.min(initial=0) < 0:
+        raise TrainConfigError(f"{corpus.name}: token id {int(tokens.min())} is negative")
     return {"tokens": tokens, "segments": segments, "positions": positions}
 
 
