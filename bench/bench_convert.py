@@ -184,10 +184,13 @@ def bench_size(gb: float, root: str, workers: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="GB")
-    ap.add_argument("--dir", default="/tmp/bench_convert")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0],
+                    help="checkpoint sizes to generate, GB of source")
+    ap.add_argument("--dir", default="/tmp/bench_convert", help="scratch folder (sources, outputs)")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="the converter's --workers")
     ap.add_argument("--rounds", type=int, default=3, help="copy / I/O-matched copy / convert "
                     "rounds per size (medians reported)")
     ap.add_argument("--out", default=None, help="write the markdown table here too")

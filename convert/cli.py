@@ -77,8 +77,9 @@ def convert_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxmoe-convert export",
                                 description="Write a jaxmoe Orbax checkpoint back in Hugging "
-                                            "Face format (sharded safetensors + index.json + "
-                                            "config.json).")
+                                            "Face format: config.json and safetensors, sharded "
+                                            "with model.safetensors.index.json when larger than "
+                                            "--max-shard-size, else one model.safetensors.")
     p.add_argument("orbax_dir")
     p.add_argument("hf_dir")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",

@@ -56,13 +56,25 @@ def verify(hf_dir, out_dir) -> float | None:
 
     model = jaxmoe.load_model(out_dir, dtype="float32", mtp=False)
     ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens), np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = _dequantised_copy(src, tmp) if src.fp8_block else src.path
-        hcfg = transformers.AutoConfig.from_pretrained(path)
-        hcfg._attn_implementation = "eager"
-        hcfg._experts_implementation = "eager"
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, config=hcfg, dtype=torch.float32).eval()
-        with torch.no_grad():
-            ref = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+    # transformers' loading chatter (progress bars, a load report listing the MTP tensors it
+    # does not model as unexpected) would bury the one line --verify prints
+    tlog = transformers.utils.logging
+    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _dequantised_copy(src, tmp) if src.fp8_block else src.path
+            hcfg = transformers.AutoConfig.from_pretrained(path)
+            hcfg._attn_implementation = "eager"
+            hcfg._experts_implementation = "eager"
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, config=hcfg, dtype=torch.float32).eval()
+            with torch.no_grad():
+                ref = model(input_ids=torch.as_tensor(tokens, dtype=torch.long)
+                            ).logits.float().numpy()
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))

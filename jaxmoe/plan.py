@@ -238,18 +238,27 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every valued flag's default."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.const, bool):  # a switch: its "default" only restates the switch
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parse(argv):
-    ap = argparse.ArgumentParser(prog="jaxmoe-plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jaxmoe-plan", description=__doc__, formatter_class=_HelpFormat)
     ap.add_argument("--model", default="deepseek_v3_671b", help="jaxmoe model preset")
     ap.add_argument("--mesh", default="cpu-8", help="pjit_configs mesh preset")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per row")
     ap.add_argument("--rows", type=int, default=1, help="rows per batch shard")
-    ap.add_argument("--param-dtype", default="float32")
+    ap.add_argument("--param-dtype", default="float32", help="parameter (and optimizer) dtype")
     ap.add_argument("--dtype", default="bfloat16", help="matmul compute dtype")
-    ap.add_argument("--no-remat", dest="remat", action="store_false")
+    ap.add_argument("--no-remat", dest="remat", action="store_false",
+                    help="keep every layer's activations instead of rematerialising them")
     ap.add_argument("--ep", default=None, help="override the preset's EP variant")
-    ap.add_argument("--moe-impl", default="auto")
+    ap.add_argument("--moe-impl", default="auto", help="routed-expert dispatch (ModelConfig.moe_impl)")
     ap.add_argument("--direct", action="store_true", help="compile the full model (no fit)")
     ap.add_argument("--json", default="", help="also write the result here")
     return ap.parse_args(argv)

@@ -89,7 +89,10 @@ class MeshPreset:
             raise PresetError(
                 f"mesh preset {self.name!r} needs {self.size} devices ({self.describe()}; sized "
                 f"for {self.device}) but {len(devices)} are available ({', '.join(kinds)} in "
-                f"{procs} process(es))")
+                f"{procs} process(es))" + (
+                    f"; on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{self.size} (set before jax starts) gives {self.size} CPU devices"
+                    if procs == 1 and all(d.platform == "cpu" for d in devices) else ""))
         return Mesh(self._device_grid(devices), MESH_AXES)
 
     def _device_grid(self, devices) -> np.ndarray:
