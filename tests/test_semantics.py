@@ -1,7 +1,6 @@
 """Where transformers and the official DeepSeek code may differ (dsv3-spec §9): jaxmoe against the spec
 reference functions (official semantics), with the config deciding where it speaks."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -42,6 +42,44 @@ def test_bad_flags_name_the_problem(argv, match):
 
 
 @pytest.mark.parametrize("argv, match", [
+    (["--optim.lr", "inf"], r"--optim.lr=inf: must be a finite number"),
+    (["--optim.weight_decay", "nan"], r"--optim.weight_decay=nan: must be a finite number"),
+    (["--mesh.capacity_factor", "inf"], r"--mesh.capacity_factor=inf: must be a finite"),
+    (["--optim.b1", "1.5"], r"--optim.b1=1.5: must be in \[0, 1\)"),
+    (["--optim.b2", "1"], r"--optim.b2=1.0: must be in \[0, 1\)"),
+    (["--optim.eps", "-1"], r"--optim.eps=-1.0: must be positive"),
+    (["--loss.mtp_switch", "3"], r"--loss.mtp_switch=3.0: a fraction of --steps: in \[0, 1\]"),
+    (["--loss.bias_update_stop", "-0.1"], r"--loss.bias_update_stop=-0.1: a fraction"),
+    (["--log.sample_bytes", "-5"], r"--log.sample_bytes=-5: must be >= 0"),
+    (["--log.peak_tflops", "-1"], r"--log.peak_tflops=-1.0: must be >= 0"),
+    (["--seed", "-1"], r"--seed=-1: must be >= 0"),
+    (["--ckpt.keep", "0"], r"--ckpt.keep=0: must be >= 1"),
+    (["--data.max_bytes", "-1"], r"--data.max_bytes=-1: must be >= 0"),
+    (["--steps", "25e-1"], r"--steps='25e-1': not a valid int \(25e-1 is not a whole number\)"),
+    (["--data.batch_size", "1.5"], r"--data.batch_size='1.5': not a valid int"),
+    (["--steps", "inf"], r"--steps='inf': not a valid int"),
+    (["--data.bin_dtype", "uint17"], r"--data.bin_dtype='uint17': must be one of .*'uint16'"),
+    (["--model.param_dtype", "float64x"], r"^--model.param_dtype='float64x': must be one of"),
+    (["--model.dtype", "f32"], r"^--model.dtype='f32': must be one of .*'bfloat16'"),
+    (["--model.moe_impl", "bogus"], r"^--model.moe_impl='bogus': must be one of .*'ragged_dot'"),
+    (["--dist.cpu_collectives", "bogus"], r"--dist.cpu_collectives='bogus': must be one of"),
+])
+def test_nonsense_values_name_their_flag(argv, match):
+    with pytest.raises(TrainConfigError, match=match):
+        parse_args(["--config", "tiny-debug"] + argv)
+    with pytest.raises(TrainConfigError, match=match):  # --print-config shows no bad config
+        parse_args(["--config", "tiny-debug", "--print-config"] + argv)
+
+
+def test_whole_number_ints_and_model_flag_errors():
+    cfg = parse_args(["--config", "tiny-debug", "--steps", "1e3", "--data.batch_size", "16.0"])
+    assert (cfg.steps, cfg.data.batch_size) == (1000, 16)
+    # an override of the same field is the --model.overrides flag's fault
+    with pytest.raises(TrainConfigError, match=r"^--model.overrides: ModelConfig.moe_impl='x'"):
+        trainer.resolve_model_config(parse_args(["--model.overrides", "moe_impl=x"]))
+
+
+@pytest.mark.parametrize("argv, match", [
     (["--model.preset", "deepseek_v9"], "--model.preset.*unknown model preset"),
     (["--mesh.data", "3"], "--mesh.data=3: mesh 'auto' must span all 8 devices"),
     (["--data.batch_size", "12"], "--data.batch_size=12.*do not divide over 8 data shards"),
@@ -65,6 +103,10 @@ def test_cli_help_lists_flags_and_errors_exit_2(tmp_path):
     for flag in ("--steps", "--workdir", "--model.preset", "--mesh.name", "--data.source",
                  "--optim.lr", "--loss.bias_update_speed", "--ckpt.every", "--log.eval_every"):
         assert flag in out.stdout
+    # a field comment that continues on the next source line is shown whole
+    help_text = " ".join(out.stdout.split())
+    assert "h100-<N>x8, ...: parameters + optimizer state sharded" in help_text
+    assert "ragged_a2a | allgather | none" in help_text
     t = time.perf_counter()
     bad = subprocess.run([sys.executable, "-m", "jaxmoe.train", "--config", "tiny",
                           "--data.source", "jsonl", "--data.path", str(tmp_path / "missing.jsonl"),

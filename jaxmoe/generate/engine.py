@@ -192,7 +192,7 @@ def check_settings(*, max_new_tokens: int = 0, temperature: float = 0.0, top_p: 
         ("temperature", temperature, temperature >= 0 and math.isfinite(temperature),
          "must be >= 0 (0 = greedy)"),
         ("top_p", top_p, 0 < top_p <= 1, "must be in (0, 1]"),
-        ("seed", seed, 0 <= seed < SEED_LIMIT, f"must be in [0, 2**32) (the random key keeps "
+        ("seed", seed, 0 <= seed < SEED_LIMIT, "must be in [0, 2**32) (the random key keeps "
                                                 "32 bits of it)"),
         ("prefill_chunk", prefill_chunk, prefill_chunk >= 1, "must be >= 1"),
     )

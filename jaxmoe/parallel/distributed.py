@@ -23,6 +23,7 @@ import numpy as np
 ENV_COORDINATOR = "JAXMOE_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXMOE_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXMOE_PROCESS_ID"
+CPU_COLLECTIVES = ("gloo", "mpi", "megascale")  # jax_cpu_collectives_implementation's values
 
 
 class DistributedError(ValueError):
@@ -69,6 +70,8 @@ def resolve(coordinator: str = "", num_processes: int | None = None,
     if coordinator == "auto":
         return DistPlan("auto", source="--dist.coordinator auto")
     source = "flags"
+    if not coordinator:
+        _check_no_orphan_flags(num_processes, process_id, env)
     if not coordinator and env.get(ENV_COORDINATOR):
         coordinator, source = env[ENV_COORDINATOR], f"${ENV_COORDINATOR}"
         try:
@@ -91,6 +94,27 @@ def resolve(coordinator: str = "", num_processes: int | None = None,
     return DistPlan("auto", source=found) if found else DistPlan("single")
 
 
+def _check_no_orphan_flags(num_processes: int | None, process_id: int | None,
+                           env: Mapping[str, str]) -> None:
+    """--dist.num_processes / --dist.process_id without --dist.coordinator would silently
+    train one process (or be overridden by the environment): refuse unless the environment's
+    values are the same."""
+    given = {"--dist.num_processes": (num_processes, 1, ENV_NUM_PROCESSES),
+             "--dist.process_id": (process_id, 0, ENV_PROCESS_ID)}
+    for flag, (value, single, var) in given.items():
+        if value is None or value == single:
+            continue
+        if not env.get(ENV_COORDINATOR):
+            raise DistributedError(
+                f"{flag}={value} needs a coordinator: pass --dist.coordinator host:port (or "
+                f"'auto' on a cluster JAX detects) or set ${ENV_COORDINATOR}; without one the "
+                "run would train a single process")
+        if env.get(var, "").strip() != str(value):
+            raise DistributedError(
+                f"{flag}={value} disagrees with ${var}={env.get(var)!r} (the coordinator comes "
+                f"from ${ENV_COORDINATOR}); pass --dist.coordinator to use the flags")
+
+
 def init_distributed(coordinator: str = "", num_processes: int | None = None,
                      process_id: int | None = None, cpu_collectives: str = "gloo",
                      env: Mapping[str, str] | None = None) -> DistPlan:
@@ -98,6 +122,9 @@ def init_distributed(coordinator: str = "", num_processes: int | None = None,
     `cpu_collectives` picks the cross-process collectives of the CPU backend (gloo or mpi)."""
     import jax
 
+    if cpu_collectives not in CPU_COLLECTIVES:
+        raise DistributedError(f"--dist.cpu_collectives={cpu_collectives!r}: must be one of "
+                               f"{CPU_COLLECTIVES}")
     plan = resolve(coordinator, num_processes, process_id, env)
     if plan.mode == "single":
         return plan

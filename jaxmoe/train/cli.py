@@ -4,7 +4,8 @@
     jaxmoe-train --config tiny --help                           # every flag with its default
     jaxmoe-train merge WORKDIR OUT_DIR                          # LoRA folded in -> Orbax
 
-Exit codes: 0 done (or preempted and saved), 2 bad configuration (reported before compiling).
+Exit codes: 0 done (or preempted and saved, or nothing to do), 2 bad configuration (reported
+before compiling) or an unreadable --model.init_from checkpoint.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxmoe-train: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from jaxmoe.config import ConfigError
+    from jaxmoe.safetensors_io import CheckpointError
     from jaxmoe.train.trainer import run
 
     try:
         run(cfg)
-    except TrainConfigError as e:
+    except (ConfigError, CheckpointError) as e:  # TrainConfigError, a bad --model.init_from file
         print(f"jaxmoe-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -15,15 +15,17 @@ before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Callable
 
-from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.config import DTYPES, MOE_IMPLS, ConfigError, ModelConfig
 
 SCHEDULES = ("cosine", "staged", "constant")
 SOURCES = ("stdlib", "memmap", "jsonl")
 MESHES = ("auto", "data")
+BIN_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
 
 
 class TrainConfigError(ConfigError):
@@ -128,7 +130,8 @@ class StageSection:
 
 @dataclasses.dataclass(frozen=True)
 class DistSection:
-    coordinator: str = ""               # host:port; empty = single process or auto-detect
+    coordinator: str = ""               # host:port | auto (TPU pods, SLURM, MPI); empty = single
+                                        # process, or what JAXMOE_COORDINATOR / a launcher sets
     num_processes: int = 1
     process_id: int = 0
     cpu_collectives: str = "gloo"       # CPU cross-process collectives
@@ -164,12 +167,18 @@ class TrainConfig:
             if not cond:
                 raise TrainConfigError(f"--{flag}={_get(self, flag)!r}: {msg}")
 
+        for flag, value in _float_values(self):  # inf/nan would train NaN (and save it)
+            need(math.isfinite(value), flag, "must be a finite number")
         need(self.steps > 0, "steps", "must be positive")
         need(self.run_steps >= 0, "run_steps", "must be >= 0 (0: run to --steps)")
+        need(self.seed >= 0, "seed", "must be >= 0")
         need(bool(self.workdir), "workdir", "must name a folder")
         d, o, lo, c, lg = self.data, self.optim, self.loss, self.ckpt, self.log
         need(self.model.init in ("auto", "host", "device"), "model.init",
              "must be auto, host or device")
+        need(self.model.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
+        need(self.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+        need(self.model.moe_impl in MOE_IMPLS, "model.moe_impl", f"must be one of {MOE_IMPLS}")
         need(d.source in SOURCES, "data.source", f"must be one of {SOURCES}")
         need(d.source == "stdlib" or bool(d.path), "data.path",
              f"data.source={d.source!r} needs a file")
@@ -182,6 +191,9 @@ class TrainConfig:
              f"must be divisible by data.grad_accum={d.grad_accum}")
         need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         need(d.eval_batches >= 0, "data.eval_batches", "must be >= 0")
+        need(d.bin_dtype in BIN_DTYPES, "data.bin_dtype", f"must be one of {BIN_DTYPES}")
+        need(d.eos_id >= -1, "data.eos_id", "must be a token id or -1 (one document)")
+        need(d.max_bytes >= 0, "data.max_bytes", "must be >= 0 (0: all of it)")
         import pjit_configs
 
         need(self.mesh.name in MESHES or _is_preset(self.mesh.name), "mesh.name",
@@ -196,15 +208,26 @@ class TrainConfig:
         need(o.lr > 0, "optim.lr", "must be positive")
         need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         need(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        for f in ("b1", "b2"):  # Adam's moment decay rates; 1 would never forget (b2: divide by 0)
+            need(0.0 <= getattr(o, f) < 1.0, f"optim.{f}", "must be in [0, 1)")
+        need(o.eps > 0, "optim.eps", "must be positive (it keeps Adam's denominator off 0)")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0: off)")
         for f in ("mtp_weight", "mtp_weight_late", "balance_alpha", "bias_update_speed"):
             need(getattr(lo, f) >= 0, f"loss.{f}", "must be >= 0 (0: off)")
-        need(c.every >= 0 and c.keep >= 1, "ckpt.keep" if c.keep < 1 else "ckpt.every",
-             "every >= 0 and keep >= 1")
+        for f in ("mtp_switch", "bias_update_stop"):  # fractions of --steps
+            need(0.0 <= getattr(lo, f) <= 1.0, f"loss.{f}", "a fraction of --steps: in [0, 1]")
+        need(c.every >= 0, "ckpt.every", "must be >= 0 (0: only at the end)")
+        need(c.keep >= 1, "ckpt.keep", "must be >= 1")
         need(lg.every >= 1, "log.every", "must be >= 1")
         need(lg.eval_every >= 0, "log.eval_every", "must be >= 0")
+        need(lg.peak_tflops >= 0, "log.peak_tflops", "must be >= 0 (0: table / measured)")
+        need(lg.sample_bytes >= 0, "log.sample_bytes", "must be >= 0 (0: off)")
         need(lg.counts_every >= 0, "log.counts_every", "must be >= 0 (0: never)")
+        from jaxmoe.parallel.distributed import CPU_COLLECTIVES
+
+        need(self.dist.cpu_collectives in CPU_COLLECTIVES, "dist.cpu_collectives",
+             f"must be one of {CPU_COLLECTIVES}")
         need(self.dist.num_processes >= 1, "dist.num_processes", "must be >= 1")
         need(0 <= self.dist.process_id < self.dist.num_processes, "dist.process_id",
              f"must be in [0, {self.dist.num_processes})")
@@ -238,6 +261,16 @@ class TrainConfig:
         if extra:
             raise TrainConfigError(f"run config: unknown field(s) {sorted(extra)}")
         return cls(**kw)
+
+
+def _float_values(cfg: "TrainConfig"):
+    """(flag, value) of every float field, nested sections included."""
+    for name, typ in _fields(type(cfg)).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(typ):
+            yield from ((f"{name}.{flag}", v) for flag, v in _float_values(value))
+        elif typ is float:
+            yield name, value
 
 
 def _is_preset(name: str) -> bool:
@@ -354,7 +387,13 @@ def _parse_value(text: str, typ, flag: str):
                 return False
             raise ValueError("expected true or false")
         if typ is int:
-            return int(float(text)) if "e" in text.lower() else int(text)
+            try:
+                return int(text)
+            except ValueError:  # 1e3 is fine, 25e-1 is not silently 2
+                x = float(text)
+                if not x.is_integer():
+                    raise ValueError(f"{text} is not a whole number") from None
+                return int(x)
         if typ is float:
             return float(text)
         return typ(text)

@@ -50,12 +50,17 @@ def _describe(section: str | None) -> dict[str, str]:
     """Field comments from the source (shown in --help)."""
     import inspect
     cls = TrainConfig if section is None else _fields(TrainConfig)[section]
-    out = {}
+    out, last = {}, None
     try:
         for line in inspect.getsource(cls).splitlines():
             line = line.strip()
             if ":" in line and "#" in line and not line.startswith("#"):
-                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+                last = line.split(":", 1)[0].strip()
+                out[last] = line.split("#", 1)[1].strip()
+            elif line.startswith("#") and last is not None:  # the comment goes on below
+                out[last] += " " + line.lstrip("#").strip()
+            else:
+                last = None
     except (OSError, TypeError):
         pass
     return out

@@ -118,29 +118,89 @@ def _restore(mngr, step: int, parts: dict, sharding) -> dict:
     return train_ckpt.unflatten(parts, dict(got["state"]))
 
 
+def output_problem(workdir: str, out: str, overwrite: bool) -> str | None:
+    """Why OUT_DIR must not be written: it is (inside, or around) the workdir, a file, or a
+    non-empty folder that is not a previous merge result (or one, without --overwrite)."""
+    from jaxmoe import orbax_io
+    from jaxmoe.train.workdir import folder_problem
+
+    problem = folder_problem(out)
+    if problem:
+        return f"OUT_DIR {out!r}: {problem}"
+    wd, o = os.path.realpath(workdir), os.path.realpath(out)
+    if wd == o or os.path.commonpath([wd, o]) in (wd, o):
+        where = ("is" if wd == o else "is inside" if os.path.commonpath([wd, o]) == wd
+                 else "contains")
+        return (f"OUT_DIR {out!r} {where} the run's WORKDIR {workdir!r}; replacing it would "
+                "delete the run. Merge into a separate folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not orbax_io.is_orbax_dir(out):
+            return (f"OUT_DIR {out!r} is a non-empty folder that holds no jaxmoe checkpoint; "
+                    "only an empty folder or a previous merge result is replaced. Choose "
+                    "another OUT_DIR")
+        if not overwrite:
+            return f"{out} exists (pass --overwrite to replace that checkpoint)"
+    return None
+
+
+def save_replacing(model, out: str, source: str) -> None:
+    """Save to a temporary sibling of `out`, then swap it in: a failed save leaves the old
+    `out` as it was (and no partial folder)."""
+    import shutil
+    import tempfile
+
+    from jaxmoe import orbax_io
+
+    out = os.path.abspath(out)
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.merging-", dir=parent)
+    os.rmdir(tmp)  # a unique name; Orbax creates the folder itself and refuses an existing one
+    try:
+        orbax_io.save_model(model, tmp, source=source)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(out):
+        old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
+        os.rmdir(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="jaxmoe-train merge", description=__doc__.split("\n\n")[0])
     ap.add_argument("workdir")
     ap.add_argument("out")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR when it holds a previous merge result")
     args = ap.parse_args(argv)
-    from jaxmoe import orbax_io
-    from jaxmoe.train.config import TrainConfigError
+    from jaxmoe.config import ConfigError
+    from jaxmoe.safetensors_io import CheckpointError
 
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-        print(f"jaxmoe-train merge: error: {args.out} exists (pass --overwrite)", file=sys.stderr)
+    def fail(msg) -> int:
+        print(f"jaxmoe-train merge: error: {msg}", file=sys.stderr)
         return 2
+
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        return fail(f"WORKDIR {args.workdir!r} is a file, not a jaxmoe-train workdir")
+    problem = output_problem(args.workdir, args.out, args.overwrite)
+    if problem:
+        return fail(problem)
     try:
         model, step, n = merged_model(args.workdir, args.step)
-    except TrainConfigError as e:
-        print(f"jaxmoe-train merge: error: {e}", file=sys.stderr)
-        return 2
-    if os.path.exists(args.out):
-        import shutil
-
-        shutil.rmtree(args.out)
-    orbax_io.save_model(model, args.out, source=f"{os.path.abspath(args.workdir)} step {step}")
+    except (ConfigError, CheckpointError) as e:  # TrainConfigError included
+        return fail(e)
+    try:
+        save_replacing(model, args.out, source=f"{os.path.abspath(args.workdir)} step {step}")
+    except OSError as e:
+        print(f"jaxmoe-train merge: error: saving {args.out} failed ({e}); "
+              f"{args.out} is unchanged", file=sys.stderr)
+        return 1
     what = f"{n} LoRA adapters folded in" if n else "full fine-tuning parameters"
     print(f"merged {args.workdir} step {step} ({what}) -> {args.out} "
           f"({jnp.dtype(model.cfg.param_dtype).name})")

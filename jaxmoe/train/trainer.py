@@ -28,6 +28,8 @@ from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
 from jaxmoe.train.optim import make_optimizer
 from jaxmoe.train.state import abstract_of, attach_lora, host_init, init_state, split_model  # noqa: F401
 from jaxmoe.train.step import DETAIL_MAX, StepFns
+from jaxmoe.train.workdir import (changed_fields, check_workdir, checkpoint_meta, folder_problem,
+                                  param_shapes)
 
 DATA_AXIS = "data"
 
@@ -53,7 +55,9 @@ def init_distributed(cfg: TrainConfig) -> None:
         distributed.init_distributed(d.coordinator, d.num_processes, d.process_id,
                                      d.cpu_collectives)
     except distributed.DistributedError as e:
-        raise TrainConfigError(f"--dist.coordinator: {e}") from None
+        msg = str(e)
+        raise TrainConfigError(msg if msg.startswith("--") else f"--dist.coordinator: {msg}") \
+            from None
 
 
 # ------------------------------------------------------------------------------ planning
@@ -65,6 +69,7 @@ class Plan:
     train: data_lib.Corpus
     eval: data_lib.Corpus
     layout: Layout | None = None   # mesh + logical rules + EP spec (pjit_configs preset)
+    resume_step: int | None = None  # the workdir's checkpoint to resume (check_workdir)
 
 
 def build_layout(cfg: TrainConfig) -> Layout:
@@ -101,40 +106,49 @@ def data_devices(cfg: TrainConfig) -> int:
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
-    m = cfg.model
-    over = {"param_dtype": m.param_dtype, "dtype": m.dtype, "moe_impl": m.moe_impl,
-            **model_overrides(cfg)}
-    try:
-        if m.init_from:
-            if not os.path.exists(m.init_from):
-                raise TrainConfigError(f"--model.init_from={m.init_from!r}: no such folder")
-            from jaxmoe import orbax_io
+    from jaxmoe.safetensors_io import CheckpointError
 
+    m = cfg.model
+    overrides = model_overrides(cfg)
+    over = {"param_dtype": m.param_dtype, "dtype": m.dtype, "moe_impl": m.moe_impl, **overrides}
+    if m.init_from:
+        if not os.path.exists(m.init_from):
+            raise TrainConfigError(f"--model.init_from={m.init_from!r}: no such folder")
+        from jaxmoe import orbax_io
+
+        try:
             if orbax_io.is_orbax_dir(m.init_from):
                 base = orbax_io.config_of(orbax_io.read_marker(m.init_from), m.param_dtype)
             else:
                 base = ModelConfig.from_hf_config(m.init_from)
+        except (ConfigError, CheckpointError, OSError) as e:
+            raise TrainConfigError(f"--model.init_from={m.init_from!r}: {e}") from None
+    try:
+        if m.init_from:
             return check_same_shapes(base, base.replace(**over), m.init_from)
         return jaxmoe.get_preset(m.preset, **over)
     except TrainConfigError:
         raise
     except ConfigError as e:
-        flag = "--model.preset" if "preset" in str(e) else "--model.overrides"
-        raise TrainConfigError(f"{flag}: {e}") from None
+        raise TrainConfigError(f"{_model_flag(str(e), overrides)}: {e}") from None
+
+
+def _model_flag(msg: str, overrides: dict) -> str:
+    """The flag behind a ModelConfig error: its own --model.<field> flag (param_dtype, dtype,
+    moe_impl) unless --model.overrides sets that field, else the preset or the overrides."""
+    if msg.startswith("unknown model preset"):
+        return "--model.preset"
+    for f in ("param_dtype", "dtype", "moe_impl"):
+        if msg.startswith(f"ModelConfig.{f}=") and f not in overrides:
+            return f"--model.{f}"
+    return "--model.overrides"
 
 
 def check_same_shapes(base: ModelConfig, cfg: ModelConfig, source: str) -> ModelConfig:
     """`--model.overrides` on top of `--model.init_from` may change how the model runs (dtypes,
     dispatch, routing mode), never the parameter shapes the checkpoint holds."""
-    from flax import nnx
-
-    def shapes(c):
-        tree = nnx.state(nnx.eval_shape(lambda: jaxmoe.DeepseekV3(c, rngs=nnx.Rngs(0))))
-        return {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-    if shapes(base) != shapes(cfg):
-        changed = sorted(f.name for f in dataclasses.fields(ModelConfig)
-                         if getattr(base, f.name) != getattr(cfg, f.name))
+    if param_shapes(base) != param_shapes(cfg):
+        changed = sorted(changed_fields(base, cfg))
         raise TrainConfigError(
             f"--model.overrides changes the parameter shapes of --model.init_from={source!r} "
             f"(fields {changed}); only fields that keep the shapes may be overridden there")
@@ -143,6 +157,9 @@ def check_same_shapes(base: ModelConfig, cfg: ModelConfig, source: str) -> Model
 
 def prepare(cfg: TrainConfig) -> Plan:
     cfg.validate()
+    problem = folder_problem(cfg.workdir)
+    if problem:
+        raise TrainConfigError(f"--workdir={cfg.workdir!r}: {problem}")
     mcfg = resolve_model_config(cfg)
     d = cfg.data
     data_lib.check_paths(d)
@@ -198,6 +215,12 @@ def run(cfg: TrainConfig) -> dict:
     setup_jax(cfg)
     init_distributed(cfg)
     plan = prepare(cfg)
+    plan.resume_step = check_workdir(cfg, plan.mcfg, resolve_model_config)
+    if plan.resume_step is not None and plan.resume_step >= cfg.steps:
+        # config.json stays the finished run's: nothing of this invocation is recorded
+        log(f"--workdir={cfg.workdir!r} is already at step {plan.resume_step} >= --steps "
+            f"{cfg.steps}: nothing to do (raise --steps to train further)")
+        return {"step": plan.resume_step}
     with plan.layout.scope():  # traced steps: activation rules + expert-parallel MoE
         return _run(cfg, plan)
 
@@ -208,7 +231,14 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
     batch_sharding = plan.layout.batch_sharding(batch_dim=1)  # [A, B, T+1]: rows split
     tx, lr_fn = make_optimizer(cfg.optim, cfg.steps, cfg.stage)
     t0 = time.perf_counter()
-    graphdef, state = init_state(plan, tx)
+    from jaxmoe.safetensors_io import CheckpointError
+
+    try:
+        graphdef, state = init_state(plan, tx)
+    except CheckpointError as e:  # a truncated/corrupt shard of the folder fine-tuned from
+        if not cfg.model.init_from:
+            raise
+        raise TrainConfigError(f"--model.init_from={cfg.model.init_from!r}: {e}") from None
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     mcfg = plan.mcfg
     fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr_fn, cfg.steps, lora=bool(cfg.lora.rank),
@@ -239,9 +269,15 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.ckpt.every, cfg.ckpt.keep,
                         cfg.ckpt.async_save)
     consumed, start = 0, 0
-    latest = ckpt.latest_step() if cfg.ckpt.resume else None
+    latest = plan.resume_step
     if latest is not None:
-        restored, meta = ckpt.restore(latest, abstract_of(saved_part(state)))
+        try:
+            restored, meta = ckpt.restore(latest, abstract_of(saved_part(state)))
+        except ValueError as e:  # structure/shape mismatch check_workdir could not see
+            raise TrainConfigError(
+                f"--workdir={cfg.workdir!r}: its checkpoint step {latest} does not fit this "
+                f"run's train state ({e}); resume with the flags it was started with, or use a "
+                "fresh --workdir") from None
         state = dict(state, **restored)
         consumed, start = int(meta["data"]["consumed"]), int(latest)
         if meta["data"].get("fingerprint") != plan.train.fingerprint:
@@ -276,8 +312,7 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
         return tot / max(cnt, 1.0)
 
     def meta_of(consumed_):
-        return {"data": {"consumed": consumed_, "fingerprint": plan.train.fingerprint,
-                         "corpus": plan.train.name}, "config": cfg.to_dict()}
+        return checkpoint_meta(cfg, plan.train, consumed_)
 
     stop = StopFlag().install()
     tokens_per_step = d.batch_size * d.seq_len
