@@ -2,6 +2,8 @@
 `jaxmoe-train: error: ...`, exit 2) naming the file and the expected vs found value, before any
 model is built or compiled."""
 
+import dataclasses
+import json
 import re
 
 import numpy as np
@@ -147,3 +149,54 @@ def test_trainer_prepare_reports_a_bad_corpus_before_compiling(tmp_path):
     with pytest.raises(TrainConfigError, match=r"t\.npy.*token id -1 at position 5"):
         trainer.prepare(cfg)
     assert not (tmp_path / "w").exists()
+
+
+def _jsonl(tmp_path, n_docs, words=30):
+    """n_docs JSONL lines of `words` words each and a word-level tokenizer.json for them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = tmp_path / "tokenizer.json"
+    tk = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, **{f"w{i}": 2 + i for i in range(9)}},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.save(str(tok))
+    path = tmp_path / f"d{n_docs}.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(f"w{(d + j) % 9}" for j in range(words))})
+                            + "\n" for d in range(n_docs)))
+    return DataSection(source="jsonl", path=str(path), tokenizer=str(tok), seq_len=8)
+
+
+def test_a_small_jsonl_corpus_still_holds_out_one_document(tmp_path, capsys):
+    """25 documents at eval_fraction 0.02 (no line's hash falls in it): one document is held
+    out, the one a larger fraction takes first; eval_fraction 0 holds out none."""
+    d = _jsonl(tmp_path, 25)
+    assert not any(D._held_out(f"line{i}", 0.02) for i in range(25))  # the case being fixed
+    train, ev = D.load_corpora(d, model_vocab=16)
+    assert len(ev.doc_starts) == 1 and len(train.doc_starts) == 24
+    assert len(ev.tokens) == 31 and ev.n_rows(d.seq_len) >= 1  # 30 words + </s>
+    first = min(range(25), key=lambda i: D._hash_rank(f"line{i}"))
+    np.testing.assert_array_equal(ev.tokens, [2 + (first + j) % 9 for j in range(30)] + [1])
+    _, ev2 = D.load_corpora(dataclasses.replace(d, eval_fraction=0.0), model_vocab=16)
+    assert len(ev2.tokens) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_no_eval_set_is_reported(tmp_path, capsys):
+    """One document cannot be split: a warning on the trainer's log says why; an eval share too
+    short for a row warns too; an explicit --data.eval_path too short for a row is an error."""
+    one = _jsonl(tmp_path, 1)
+    train, ev = D.load_corpora(one, model_vocab=16)
+    assert len(train.doc_starts) == 1 and len(ev.tokens) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("warning: --data.eval_fraction=0.02: no eval set") and \
+        "holds one document" in out and "--data.eval_path" in out, out
+    D.load_corpora(dataclasses.replace(one, eval_batches=0), model_vocab=16)  # no eval wanted
+    assert capsys.readouterr().out == ""
+    np.arange(1, 200, dtype=np.uint16).tofile(tmp_path / "t.bin")
+    D.load_corpora(memmap(tmp_path / "t.bin", eval_fraction=0.01), model_vocab=256)  # 1 token
+    out = capsys.readouterr().out
+    assert "no eval set (the held-out share is 1 token(s); a row needs seq_len + 1 = 4)" in out
+    np.arange(1, 4, dtype=np.uint16).tofile(tmp_path / "ev.bin")
+    raises(memmap(tmp_path / "t.bin", eval_path=str(tmp_path / "ev.bin")),
+           f"--data.eval_path={str(tmp_path / 'ev.bin')!r}: too short for one eval row",
+           "3 token(s); a row needs seq_len + 1 = 4")

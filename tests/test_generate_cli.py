@@ -217,3 +217,25 @@ def test_engine_api_names_its_arguments():
         assert "(None: never stop early)" in str(e.value)
     engine.check_eos(None, 97)
     engine.check_eos(96, 97)
+
+
+def test_workdir_prompt_too_long_fails_before_any_output(tmp_path, capsys, monkeypatch):
+    """A jaxmoe-train workdir's config is known only once it is loaded: a single (streamed)
+    prompt longer than max_position_embeddings still fails with nothing on stdout - the prompt
+    is not echoed first - and nothing is generated."""
+    from jaxmoe.generate import checkpoint
+
+    wd = _workdir(tmp_path)  # the v3 oracle: vocab 97, max_position_embeddings 64
+    assert checkpoint.kind_of(wd) == "workdir" and cli._peek_config(wd) is None
+    tok = word_tokenizer(tmp_path / "tok.json", 97)
+    ran = []
+    monkeypatch.setattr(engine, "run", lambda *a, **k: ran.append(1))
+    capsys.readouterr()
+    rc, out, err = cli_run(["--ckpt", wd, "--prompt", " ".join(["t1"] * 70), "--tokenizer", tok],
+                           capsys)
+    assert rc == 2 and out == "" and not ran, (out, err)
+    assert err == ("jaxmoe-generate: error: prompt 0 has 70 tokens, longer than the model's "
+                   "max_position_embeddings=64\n"), err
+    rc, out, err = cli_run(["--ckpt", wd, "--prompt", "t1 t2", "--tokenizer", tok,
+                            "--max-new-tokens", "4", "--eos-id", "97"], capsys)
+    assert rc == 2 and out == "" and not ran and "--eos-id 97: outside" in err, (out, err)

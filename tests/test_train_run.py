@@ -56,13 +56,16 @@ def start(workdir, cache, *extra, devices=2):
                             stderr=subprocess.PIPE, text=True, env=env_for(devices), cwd=REPO)
 
 
-def start_and_signal(workdir, cache, sig, at_step, timeout=300):
-    """Start a run, send `sig` once metrics.jsonl reaches `at_step`; returns (proc, out, err)."""
+def start_and_signal(workdir, cache, sig, at_step, timeout=300, saved=None):
+    """Start a run, send `sig` once metrics.jsonl reaches `at_step` (and, with `saved`, once the
+    checkpoint of that step is finalised); returns (proc, out, err)."""
     p = start(workdir, cache)
     t = time.time()
     while time.time() - t < timeout and p.poll() is None:
         m = metrics(workdir)
-        if m and m[-1]["step"] >= at_step:
+        if m and m[-1]["step"] >= at_step and (
+                saved is None or (os.path.isdir(workdir / "checkpoints")
+                                  and saved in steps_of(workdir))):
             p.send_signal(sig)
             break
         time.sleep(0.01)
@@ -100,10 +103,11 @@ def test_loss_falls_kill9_resume_is_bitwise_sigterm_saves(tmp_path, cache, ref_r
     assert [s for s, _ in events] == list(range(1, STEPS + 1))
     assert [v["loss"] for _, v in events] == [np.float32(r["loss"]) for r in m]
 
-    # kill -9 mid-run: no chance to save; the last periodic checkpoint survives
-    p, out, err = start_and_signal(run_b, cache, signal.SIGKILL, 14)
+    # kill -9 mid-run: no chance to save; the last periodic checkpoint (10) survives
+    p, out, err = start_and_signal(run_b, cache, signal.SIGKILL, 14, saved=10)
     assert p.returncode == -signal.SIGKILL, "finished before the kill"
     assert metrics(run_b)[-1]["step"] < STEPS
+    assert all(s % 10 == 0 for s in steps_of(run_b)), steps_of(run_b)  # no step-1 save
     # resume (dropping the metrics lines past the checkpoint), then SIGTERM: saves, exits 0
     p, out, err = start_and_signal(run_b, cache, signal.SIGTERM, 32)
     assert p.returncode == 0, err[-3000:]

@@ -227,3 +227,92 @@ def test_init_from_a_converted_checkpoint(tmp_path):
     np.testing.assert_array_equal(state["biases"]["moe_layers"]["ffn"]["router"]["bias_E"].get_value(),
                                   b.get_value())
     assert int(state["step"]) == 0
+
+
+
+def test_router_entropy_is_the_mean_over_routers():
+    """Staged training's router_entropy (the metric, and the sparsify phase's loss term) is the
+    mean over the routers - 2 MoE layers and the MTP depth here - of each one's mean per-token
+    score entropy, so it stays in [0, ln E] at any depth; per microbatch divided by their count
+    (the step sums microbatches). Checked against the values the model reports per router."""
+    import dataclasses
+
+    from jax.sharding import Mesh
+
+    from jaxmoe.train import trainer
+    from jaxmoe.train.config import StageSection
+    from jaxmoe.train.step import StepFns
+
+    cfg = apply_overrides(get_run("tiny-debug"),
+                          [("model.overrides", "num_hidden_layers=3,moe_impl=dense")])
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    plan = trainer.Plan(cfg, trainer.resolve_model_config(cfg), mesh, None, None)
+    mcfg = plan.mcfg
+    assert mcfg.num_moe_layers == 2 and mcfg.num_nextn_predict_layers == 1
+    stage = StageSection(enabled=True, warmup=0.0, joint=0.0, sparsity_weight=0.5)  # sparsify
+    tx, lr = make_optimizer(cfg.optim, cfg.steps)
+    graphdef, state = trainer.init_state(plan, tx, NamedSharding(mesh, P()))
+    fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr, cfg.steps, stage=stage)
+    no_w = StepFns(graphdef, mcfg, cfg.loss, tx, lr, cfg.steps,
+                   stage=dataclasses.replace(stage, sparsity_weight=0.0))
+    assert fns.use_mtp and int(fns.phase(0)) == 2
+    tok = np.random.RandomState(0).randint(0, 256, (8, 17)).astype(np.int32)  # [b, T+1]
+    seg = np.where(np.arange(17) < 9, 1, 2).astype(np.int32)[None].repeat(8, 0)
+    pos = np.where(np.arange(17) < 9, np.arange(17), np.arange(17) - 9).astype(np.int32)
+    mb = {"tokens": tok, "segments": seg, "positions": np.broadcast_to(pos, tok.shape).copy()}
+
+    @jax.jit
+    def run(state):
+        model = fns.model_of(state["params"], state["biases"], fns.fixed_parts(state))
+        inp, p = mb["tokens"][:, :-1], mb["positions"][:, :-1]
+        mask = doc_mask(jnp.asarray(mb["segments"][:, :-1]), p)
+        out = model.forward(inp, p, mask=mask)
+        mtp_aux = mtp_forward(model, out.hidden, inp, p, mask)[1]
+        per_router = jnp.concatenate([out.aux["score_entropy"],
+                                      jnp.stack([a["score_entropy"] for a in mtp_aux])])
+        denom = fns.denominators(jnp.asarray(mb["segments"])[None])
+        args = (state["params"], state["biases"], fns.fixed_parts(state), mb, denom,
+                state["step"], 2, state["rng"])  # as one of 2 microbatches
+        (ow, aux), (o0, _) = fns.micro_loss(*args), no_w.micro_loss(*args)
+        return per_router, aux["router_entropy"], ow - o0
+
+    per_router, ent, extra = jax.device_get(run(state))
+    assert per_router.shape == (3,)  # routers: 2 MoE layers + 1 MTP depth
+    got = 2 * float(ent)  # the step's metric sums its 2 microbatches
+    assert 0.0 <= got <= np.log(mcfg.n_routed_experts), got
+    assert got == pytest.approx(float(per_router.mean()), rel=1e-5)
+    assert got < float(per_router.sum())  # (what it was: the sum over routers, > ln E here)
+    assert float(extra) == pytest.approx(0.5 * float(ent), rel=1e-4)  # loss: weight x the same
+
+
+def test_checkpoints_only_at_multiples_of_every_and_forced_steps(tmp_path):
+    """The trainer offers every step to Checkpointer.save (force=True for the last step, a
+    preemption, the end of --run_steps): only multiples of --ckpt.every and forced steps are
+    written - not the first step Orbax's default policy saves into an empty folder - also after
+    a resume, and with every=0 only forced ones."""
+    from jaxmoe.train.checkpoint import Checkpointer, is_periodic
+
+    assert [s for s in range(0, 13) if is_periodic(s, 5)] == [5, 10]
+    assert not any(is_periodic(s, 0) for s in range(0, 13))
+    state = {"w": np.arange(4, dtype=np.float32), "step": np.int32(0)}
+
+    def run(directory, every, steps, force_at=()):
+        ck = Checkpointer(str(directory), every, 10, False)
+        started = [s for s in steps if ck.save(s, dict(state, step=np.int32(s)), {"s": s},
+                                               force=s in force_at)]
+        ck.wait()
+        have = sorted(ck.mngr.all_steps())
+        ck.close()
+        return started, have
+
+    assert run(tmp_path / "a", 5, range(1, 13), force_at=(12,)) == ([5, 10, 12], [5, 10, 12])
+    # resumed at 12: the next periodic save is 15, then the forced last step 17
+    assert run(tmp_path / "a", 5, range(13, 18), force_at=(17,)) == \
+        ([15, 17], [5, 10, 12, 15, 17])
+    # a 20-step run with every=100 (README: every K steps plus the last): only step 20
+    assert run(tmp_path / "b", 100, range(1, 21), force_at=(20,)) == ([20], [20])
+    assert run(tmp_path / "c", 0, range(1, 8), force_at=(3, 7)) == ([3, 7], [3, 7])
+    ck = Checkpointer(str(tmp_path / "a"), 5, 10, False)
+    restored, meta = ck.restore(17, jax.eval_shape(lambda: state))
+    ck.close()
+    assert int(restored["step"]) == 17 and meta == {"s": 17}

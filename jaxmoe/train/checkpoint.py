@@ -1,6 +1,12 @@
 """Training checkpoints with Orbax's CheckpointManager: async saves every K steps, the newest
 N kept, exact resume.
 
+When to save is decided here, not by Orbax's default policy (which also saves the first step
+it is offered when the folder holds no checkpoint yet - a full extra write after step 1): a
+step is saved when it is a multiple of `--ckpt.every` (`is_periodic`) or when the trainer
+forces it (the last step, a preemption, the end of `--run_steps`). A run that dies before its
+first save restarts from scratch.
+
 Each step folder holds two items: `state`, the whole train state (params, optimizer moments,
 router biases, RNG key, step; a LoRA run's adapters only, see `saved_part`) as a flat dict keyed
 by the pytree path joined with "." (so the layout does not depend on optax's or nnx's container
@@ -53,11 +59,20 @@ def saved_part(state: dict) -> dict:
     return {k: state[k] for k in LORA_SAVED}
 
 
+def is_periodic(step: int, every: int) -> bool:
+    """A periodic save at `step`: a multiple of `every` (> 0; 0 = no periodic saves)."""
+    return every > 0 and step > 0 and step % every == 0
+
+
 class Checkpointer:
     def __init__(self, directory: str, every: int, keep: int, async_save: bool):
         self.directory = os.path.abspath(directory)
+        self.every = every
+        # Orbax's own policy only matters to callers of mngr.should_save; `save` decides itself
+        # (Orbax's default would add an initial save and one at its preemption sync point).
+        policy = ocp.checkpoint_managers.FixedIntervalPolicy(every if every > 0 else NEVER)
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every if every > 0 else NEVER,
+            max_to_keep=keep, save_decision_policy=policy,
             enable_async_checkpointing=async_save, create=True)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts,
                                           item_names=("state", "meta"))
@@ -66,9 +81,12 @@ class Checkpointer:
         return self.mngr.latest_step()
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
+        """Save `step` if it is periodic or `force`d; True when a save was started."""
+        if not (force or is_periodic(step, self.every)):
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
                                   meta=ocp.args.JsonSave(meta))
-        return self.mngr.save(step, args=args, force=force)
+        return self.mngr.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """`abstract_state`: the state's pytree of jax.ShapeDtypeStruct with target shardings."""

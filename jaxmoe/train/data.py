@@ -58,8 +58,20 @@ def _fingerprint(*parts) -> str:
     return h.hexdigest()[:16]
 
 
+def _hash_rank(key: str) -> int:
+    return zlib.crc32(key.encode()) % 100_000
+
+
 def _held_out(key: str, fraction: float) -> bool:
-    return zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+    return _hash_rank(key) < fraction * 100_000
+
+
+def warn(msg: str) -> None:
+    """A warning on the trainer's log (stdout, process 0)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"warning: {msg}", flush=True)
 
 
 def _from_docs(docs: list[np.ndarray], vocab: int, name: str, dtype, byte_level=False) -> Corpus:
@@ -210,7 +222,8 @@ def _read_jsonl(path: str, key: str) -> list[str]:
 
 def jsonl_corpora(d: DataSection) -> tuple[Corpus, Corpus]:
     """Each JSONL line one document, tokenized with `tokenizer.json`; the tokenizer's EOS (if it
-    has one of </s>, <|endoftext|>, <eos>) is appended to each document."""
+    has one of </s>, <|endoftext|>, <eos>) is appended to each document. Eval: `eval_path`, or
+    the lines whose crc32 falls in `eval_fraction` - at least one when there are two or more."""
     from tokenizers import Tokenizer
 
     try:
@@ -235,8 +248,14 @@ def jsonl_corpora(d: DataSection) -> tuple[Corpus, Corpus]:
     if d.eval_path:
         train, held = texts, _read_jsonl(d.eval_path, d.text_key)
     else:
-        train = [t for i, t in enumerate(texts) if not _held_out(f"line{i}", d.eval_fraction)]
-        held = [t for i, t in enumerate(texts) if _held_out(f"line{i}", d.eval_fraction)]
+        keys = [f"line{i}" for i in range(len(texts))]
+        out = {i for i, k in enumerate(keys) if _held_out(k, d.eval_fraction)}
+        if d.eval_fraction > 0 and not out and len(texts) >= 2:
+            # a small corpus whose fraction rounds to no document: hold out the one that a
+            # larger fraction would take first (one document: no eval set, see check_eval)
+            out = {min(range(len(keys)), key=lambda i: _hash_rank(keys[i]))}
+        train = [t for i, t in enumerate(texts) if i not in out]
+        held = [t for i, t in enumerate(texts) if i in out]
     tag = f"{d.path}:{_fingerprint(d.tokenizer, os.path.getsize(d.tokenizer))}"
     return (_from_docs(docs_of(train), vocab, tag + ":train", dtype),
             _from_docs(docs_of(held), vocab, tag + ":eval", dtype))
@@ -274,7 +293,29 @@ def load_corpora(d: DataSection, model_vocab: int) -> tuple[Corpus, Corpus]:
     if train.n_rows(d.seq_len) < 1:
         raise TrainConfigError(f"--data.seq_len={d.seq_len}: the corpus ({len(train.tokens)} "
                                "tokens) has no full row")
+    check_eval(d, train, ev)
     return train, ev
+
+
+def check_eval(d: DataSection, train: Corpus, ev: Corpus) -> None:
+    """Eval asked for (`eval_path`, or `eval_fraction` > 0; `eval_batches` > 0) but not one full
+    eval row of seq_len + 1 tokens: an explicit `eval_path` is an error; a held-out share that
+    came out too small is a warning (the run trains, without eval losses)."""
+    if d.eval_batches < 1 or ev.n_rows(d.seq_len) >= 1:
+        return
+    row = f"a row needs seq_len + 1 = {d.seq_len + 1}"
+    if d.eval_path:
+        raise TrainConfigError(f"--data.eval_path={d.eval_path!r}: too short for one eval row "
+                               f"({len(ev.tokens):,} token(s); {row})")
+    if d.eval_fraction <= 0:
+        return
+    if d.source == "jsonl" and not len(ev.tokens) and len(train.doc_starts) == 1:
+        why = (f"--data.path={d.path!r} holds one document and the eval share is taken in whole "
+               "documents")
+    else:
+        why = f"the held-out share is {len(ev.tokens):,} token(s); {row}"
+    warn(f"--data.eval_fraction={d.eval_fraction}: no eval set ({why}); no eval loss will be "
+         "logged - pass --data.eval_path for one")
 
 
 # ------------------------------------------------------------------------------------ rows

@@ -6,7 +6,8 @@
     joint     the next `joint`: everything trains together, with global-norm clipping;
     sparsify  the rest (~20%): everything trains, and the objective gains
               `sparsity_weight` x the mean per-token entropy of the normalised router scores
-              (summed over MoE layers), which makes each token's routing more decisive; under
+              (averaged over the routers: in [0, ln E] at any depth), which makes each token's
+              routing more decisive; under
               top-p routing (ModelConfig.router_top_p) that lowers the experts per token.
 
 The freezing is an optimizer mask: `phase_mask` zeroes the router's gradients before clipping (so

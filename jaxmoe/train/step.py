@@ -21,7 +21,9 @@ State: {"params", "biases", "rest", "opt", "rng", "step"}; batches come from
 LoRA runs (jaxmoe/lora): "params" holds only the adapters (what the optimizer sees), the frozen
 base sits in "frozen"; adapter dropout masks come from the step's RNG; the base's router biases
 stay as loaded (no bias update). Staged runs (staged.py): the phase comes from the step, the
-optimizer masks the router during warm-up, and the sparsify phase adds the router-entropy term.
+optimizer masks the router during warm-up, and the sparsify phase adds sparsity_weight x
+router_entropy: the MEAN over the routers (MoE layers, MoE MTP depths when MTP is on) of each
+one's mean per-token entropy of its normalised scores, so it lies in [0, ln E] at any depth.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class StepFns:
 
             params = dropout_adapters(params, jax.random.fold_in(rng, 0x10A), self.lora_dropout)
         model = self.model_of(params, biases, rest)
-        sparsity = 0.0
+        ent_sum, n_routers = 0.0, 0
         tok, seg, pos = mb["tokens"], mb["segments"], mb["positions"]
         inputs, positions, seg_in = tok[:, :-1], pos[:, :-1], seg[:, :-1]
         mask = doc_mask(seg_in, positions)
@@ -136,7 +138,8 @@ class StepFns:
             aux["balance"] = bal
             if self.use_balance:
                 obj = obj + self.loss.balance_alpha * bal
-            sparsity = out.aux["score_entropy"].sum() / n_micro
+            ent_sum = out.aux["score_entropy"].sum()             # [L_moe] -> ()
+            n_routers = out.aux["score_entropy"].shape[0]
         if self.use_mtp:
             lgs, mtp_aux = mtp_forward(model, out.hidden, inputs, positions, mask)
             mtp = 0.0
@@ -145,11 +148,14 @@ class StepFns:
                 aux[f"mtp_counts{k}"] = a["counts"]
                 if self.use_balance:
                     obj = obj + self.loss.balance_alpha * a["seq_balance"] / n_micro
-                sparsity = sparsity + a["score_entropy"] / n_micro
+                if self.mcfg.is_moe_layer(self.mcfg.num_hidden_layers + k - 1):
+                    ent_sum, n_routers = ent_sum + a["score_entropy"], n_routers + 1
             mtp = mtp / len(lgs)
             aux["mtp"] = mtp
             obj = obj + self.mtp_lambda(step) * mtp
         if self.stage is not None:
+            # the mean over routers (in [0, ln E] whatever the depth), per microbatch
+            sparsity = ent_sum / max(n_routers, 1) / n_micro
             aux["router_entropy"] = jnp.asarray(sparsity, jnp.float32)
             on = (self.phase(step) == 2).astype(jnp.float32)
             obj = obj + on * self.stage.sparsity_weight * sparsity
