@@ -26,10 +26,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="a file with one prompt per line (added to --prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate per prompt (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed in [0, 2**32) (default 0; unused when greedy)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: bytes, ids 0-255, as "
                                        "jaxmoe-train's built-in corpus)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -42,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-id", type=int, default=None,
                    help="stop a prompt at this id (default: the config's eos_token_id; -1: never)")
     p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens per prefill step (memory grows linearly with the prompt)")
+                   help="prompt tokens per prefill step (default 256; the step's activation "
+                        "memory grows with it, the cache with the prompt)")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding (greedy only; needs the checkpoint's MTP "
                         "module); reports the acceptance rate")
