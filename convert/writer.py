@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import tensorstore as ts
 
-from jaxmoe import orbax_io
+from jaxmoe import orbax_io, paths
+from jaxmoe.paths import fsync_dir, replace_folder  # noqa: F401  (export uses writer.replace_folder)
 from jaxmoe.safetensors_io import CheckpointError
 
 from convert.plan import Plan, Slab
@@ -89,7 +89,7 @@ def prepare_output(out_dir: str, resume: bool, overwrite: bool, fingerprint: str
     os.makedirs(tmp)
     orbax_io.write_json_durable(os.path.join(tmp, PLAN_FILE),
                                 {"fingerprint": fingerprint, "overwrite": overwrite})
-    _fsync_dir(os.path.dirname(tmp))
+    fsync_dir(os.path.dirname(tmp))
     return tmp
 
 
@@ -122,24 +122,17 @@ def check_output_path(out_dir: str, src: str | None = None) -> str:
     under one. Deletes nothing."""
     out = os.path.abspath(out_dir)
     if src is not None:
-        s = os.path.realpath(src)
         for p in (out, out + PARTIAL):
-            r = os.path.realpath(p)
-            how = ("is the input folder" if r == s else "lies inside the input folder"
-                   if r.startswith(s.rstrip(os.sep) + os.sep) else "contains the input folder"
-                   if s.startswith(r.rstrip(os.sep) + os.sep) else None)
+            how = {"is": "is the input folder", "inside": "lies inside the input folder",
+                   "contains": "contains the input folder"}.get(paths.overlap(p, src))
             if how:
                 what = f"output {out}" if p == out else f"{out}'s partial folder {p}"
                 raise CheckpointError(f"{what} {how} {os.path.abspath(src)}: writing there "
                                       "would delete the input; choose an output folder "
                                       "outside it")
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"{out}: is a file, not a folder; choose another output path")
-    parent = os.path.dirname(out)
-    while not os.path.lexists(parent):  # the first existing ancestor must be a folder
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"{out}: its parent {parent} is not a folder")
+    problem = paths.folder_problem(out)
+    if problem:
+        raise CheckpointError(f"output {out}: {problem}; choose another output path")
     return out
 
 
@@ -252,7 +245,7 @@ def seal(tmp: str, plan: Plan, source: str) -> None:
                                 orbax_io.checkpoint_metadata())
     orbax_io.write_marker(tmp, plan.cfg, plan.dtype, source=os.path.abspath(source),
                           fingerprint=plan.fingerprint, fp8=plan.fp8 or None)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def install(tmp: str, out_dir: str) -> None:
@@ -261,25 +254,6 @@ def install(tmp: str, out_dir: str) -> None:
         if os.path.exists(os.path.join(tmp, f)):
             os.remove(os.path.join(tmp, f))
     replace_folder(tmp, out_dir)
-
-
-def replace_folder(tmp: str, out_dir: str) -> None:
-    """Rename `tmp` to OUT_DIR. A previous OUT_DIR (checked replaceable by the caller) is moved
-    to a fresh `OUT_DIR.old-*` sibling and deleted only once the new folder is in place; no
-    other folder is ever removed."""
-    out = os.path.abspath(out_dir)
-    old = None
-    if os.path.exists(out):
-        if os.path.isdir(out) and not os.listdir(out):
-            os.rmdir(out)
-        else:
-            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-",
-                                   dir=os.path.dirname(out))
-            os.rename(out, old)  # (onto the empty folder just made: allowed by rename(2))
-    os.rename(tmp, out)
-    _fsync_dir(os.path.dirname(out))
-    if old:
-        shutil.rmtree(old)
 
 
 def _trim() -> None:
@@ -303,11 +277,3 @@ def _libc():
 
 
 _LIBC = _libc()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -244,7 +244,7 @@ def test_output_that_is_or_lies_under_a_file_is_refused(src, orbax, tmp_path, ca
     for argv in ([src, afile + "/out"], [src, afile + "/x/y", "--overwrite"],
                  ["export", orbax, afile + "/x"]):
         _refused(capsys, argv, argv[-1] if argv[-1] != "--overwrite" else argv[-2],
-                 f"its parent {afile} is not a folder")
+                 f"{afile} (above it) is a file, not a folder")
     assert open(afile).read() == "keep me" and sorted(os.listdir(tmp_path)) == ["afile", "hf"]
 
 

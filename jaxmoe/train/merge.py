@@ -121,16 +121,14 @@ def _restore(mngr, step: int, parts: dict, sharding) -> dict:
 def output_problem(workdir: str, out: str, overwrite: bool) -> str | None:
     """Why OUT_DIR must not be written: it is (inside, or around) the workdir, a file, or a
     non-empty folder that is not a previous merge result (or one, without --overwrite)."""
-    from jaxmoe import orbax_io
-    from jaxmoe.train.workdir import folder_problem
+    from jaxmoe import orbax_io, paths
 
-    problem = folder_problem(out)
+    problem = paths.folder_problem(out)
     if problem:
         return f"OUT_DIR {out!r}: {problem}"
-    wd, o = os.path.realpath(workdir), os.path.realpath(out)
-    if wd == o or os.path.commonpath([wd, o]) in (wd, o):
-        where = ("is" if wd == o else "is inside" if os.path.commonpath([wd, o]) == wd
-                 else "contains")
+    where = {"is": "is", "inside": "is inside", "contains": "contains"}.get(
+        paths.overlap(out, workdir))
+    if where:
         return (f"OUT_DIR {out!r} {where} the run's WORKDIR {workdir!r}; replacing it would "
                 "delete the run. Merge into a separate folder")
     if os.path.isdir(out) and os.listdir(out):
@@ -149,7 +147,7 @@ def save_replacing(model, out: str, source: str) -> None:
     import shutil
     import tempfile
 
-    from jaxmoe import orbax_io
+    from jaxmoe import orbax_io, paths
 
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
@@ -161,14 +159,7 @@ def save_replacing(model, out: str, source: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(prefix=f".{name}.replaced-", dir=parent)
-        os.rmdir(old)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    paths.replace_folder(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 import jaxmoe
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.parallel import distributed
+from jaxmoe.paths import folder_problem
 from jaxmoe.parallel.sharding import Layout
 from jaxmoe.train import data as data_lib
 from jaxmoe.train import metrics as metrics_lib
@@ -28,8 +29,7 @@ from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
 from jaxmoe.train.optim import make_optimizer
 from jaxmoe.train.state import abstract_of, attach_lora, host_init, init_state, split_model  # noqa: F401
 from jaxmoe.train.step import DETAIL_MAX, StepFns
-from jaxmoe.train.workdir import (changed_fields, check_workdir, checkpoint_meta, folder_problem,
-                                  param_shapes)
+from jaxmoe.train.workdir import changed_fields, check_workdir, checkpoint_meta, param_shapes
 
 DATA_AXIS = "data"
 

@@ -30,21 +30,6 @@ def changed_fields(old: ModelConfig, new: ModelConfig) -> list[str]:
             if getattr(old, f.name) != getattr(new, f.name)]
 
 
-def folder_problem(path: str) -> str | None:
-    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file."""
-    p = os.path.abspath(path)
-    while True:
-        if os.path.exists(p):
-            if os.path.isdir(p):
-                return None
-            return f"{p} is a file, not a folder" if p == os.path.abspath(path) else \
-                f"{p} (above it) is a file, not a folder"
-        parent = os.path.dirname(p)
-        if parent == p:
-            return None
-        p = parent
-
-
 def saved_steps(workdir: str) -> tuple[list[int], dict | None]:
     """(the steps of WORKDIR/checkpoints, the newest one's meta - data position and run config -
     or None): read only, nothing is created."""
