@@ -16,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jaxmoe
 from jaxmoe import lora, orbax_io
 from jaxmoe.train import trainer
-from jaxmoe.train.config import LoraSection, get_run
+from jaxmoe.train.config import LoraSection
+from jaxmoe.train.runs import get_run
 from jaxmoe.train.optim import make_optimizer
 from jaxmoe.train.step import StepFns
 

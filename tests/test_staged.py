@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe.train import staged, trainer
-from jaxmoe.train.config import StageSection, TrainConfigError, get_run
+from jaxmoe.train.config import StageSection, TrainConfigError
+from jaxmoe.train.runs import get_run
 from jaxmoe.train.flags import apply_overrides
 from jaxmoe.train.metrics import progress_line
 from jaxmoe.train.optim import make_optimizer

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from jaxmoe.train import trainer
-from jaxmoe.train.config import TrainConfigError, get_run
+from jaxmoe.train.config import TrainConfigError
+from jaxmoe.train.runs import get_run
 from jaxmoe.train.flags import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxmoe
 from jaxmoe.train import data as D
-from jaxmoe.train.config import DataSection, OptimSection, get_run
+from jaxmoe.train.config import DataSection, OptimSection
+from jaxmoe.train.runs import get_run
 from jaxmoe.train.flags import apply_overrides
 from jaxmoe.train.optim import decays, make_optimizer, schedule
 from jaxmoe.train.step import bias_update, doc_mask, mtp_forward, target_mask

@@ -11,7 +11,8 @@ import json
 import sys
 from typing import Any
 
-from jaxmoe.train.config import RUNS, TrainConfig, TrainConfigError, _fields, _parse_value, get_run
+from jaxmoe.train.config import TrainConfig, TrainConfigError, _fields, _parse_value
+from jaxmoe.train.runs import RUNS, get_run
 
 
 # ------------------------------------------------------------------------ typed overrides
