@@ -33,6 +33,7 @@ import zlib
 import numpy as np
 
 from jaxmoe.train.config import DataSection, TrainConfigError
+from jaxmoe.train.metrics import log
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -64,14 +65,6 @@ def _hash_rank(key: str) -> int:
 
 def _held_out(key: str, fraction: float) -> bool:
     return _hash_rank(key) < fraction * 100_000
-
-
-def warn(msg: str) -> None:
-    """A warning on the trainer's log (stdout, process 0)."""
-    import jax
-
-    if jax.process_index() == 0:
-        print(f"warning: {msg}", flush=True)
 
 
 def _from_docs(docs: list[np.ndarray], vocab: int, name: str, dtype, byte_level=False) -> Corpus:
@@ -314,8 +307,8 @@ def check_eval(d: DataSection, train: Corpus, ev: Corpus) -> None:
                "documents")
     else:
         why = f"the held-out share is {len(ev.tokens):,} token(s); {row}"
-    warn(f"--data.eval_fraction={d.eval_fraction}: no eval set ({why}); no eval loss will be "
-         "logged - pass --data.eval_path for one")
+    log(f"warning: --data.eval_fraction={d.eval_fraction}: no eval set ({why}); no eval loss "
+        "will be logged - pass --data.eval_path for one")
 
 
 # ------------------------------------------------------------------------------------ rows

@@ -24,6 +24,14 @@ PEAK_TFLOPS: list[tuple[str, float, float]] = [
 ]
 
 
+def log(msg: str) -> None:
+    """A line of the trainer's log: stdout, from process 0 only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
 def active_matmul_params(cfg: ModelConfig, with_mtp: bool) -> int:
     """Weights each token is multiplied through (the embedding lookup excluded)."""
     D, V, N = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads

@@ -24,6 +24,7 @@ from jaxmoe.paths import folder_problem
 from jaxmoe.parallel.sharding import Layout
 from jaxmoe.train import data as data_lib
 from jaxmoe.train import metrics as metrics_lib
+from jaxmoe.train.metrics import log
 from jaxmoe.train.checkpoint import Checkpointer, saved_part
 from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
 from jaxmoe.train.optim import make_optimizer
@@ -32,11 +33,6 @@ from jaxmoe.train.step import DETAIL_MAX, StepFns
 from jaxmoe.train.workdir import changed_fields, check_workdir, checkpoint_meta, param_shapes
 
 DATA_AXIS = "data"
-
-
-def log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 def setup_jax(cfg: TrainConfig) -> None:
