@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from jaxmoe.train import batches as B
 from jaxmoe.train import data as D
 from jaxmoe.train.config import DataSection, TrainConfigError
 
@@ -134,7 +135,7 @@ def test_chunked_eos_split_matches_a_whole_array_scan(tmp_path, small_chunks):
 def test_per_batch_guard_catches_negative_ids_in_a_built_corpus():
     c = D._from_docs([np.array([1, -4, 3, 4, 5], np.int32)], 10, "built", np.int32)
     with pytest.raises(TrainConfigError, match=re.escape("built: token id -4 is negative")):
-        D.pack_rows(c, np.array([0]), 3)
+        B.pack_rows(c, np.array([0]), 3)
 
 
 def test_trainer_prepare_reports_a_bad_corpus_before_compiling(tmp_path):

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxmoe
+from jaxmoe.train import batches as B
 from jaxmoe.train import data as D
 from jaxmoe.train.config import DataSection, OptimSection
 from jaxmoe.train.runs import get_run
@@ -33,7 +34,7 @@ def corpus_of(docs, vocab=50):
 
 def test_pack_rows_segments_positions_masks():
     c = corpus_of([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]])
-    b = D.pack_rows(c, np.array([0, 1]), seq_len=4)  # rows: stream[0:5], stream[4:9]
+    b = B.pack_rows(c, np.array([0, 1]), seq_len=4)  # rows: stream[0:5], stream[4:9]
     np.testing.assert_array_equal(b["tokens"], [[1, 2, 3, 4, 5], [5, 6, 7, 8, 9]])
     np.testing.assert_array_equal(b["segments"], [[1, 1, 1, 2, 2], [1, 2, 2, 2, 2]])
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
@@ -48,19 +49,19 @@ def test_pack_rows_segments_positions_masks():
 
 
 def test_sampler_is_deterministic_and_resumable():
-    s = D.Sampler(10, seed=3)
+    s = B.Sampler(10, seed=3)
     whole = s.rows(0, 25)
-    parts = np.concatenate([D.Sampler(10, 3).rows(0, 7), D.Sampler(10, 3).rows(7, 18)])
+    parts = np.concatenate([B.Sampler(10, 3).rows(0, 7), B.Sampler(10, 3).rows(7, 18)])
     np.testing.assert_array_equal(whole, parts)
     for e in range(2):  # every epoch is a permutation
         assert sorted(whole[10 * e:10 * e + 10]) == list(range(10))
     assert not np.array_equal(whole[:10], whole[10:20])
-    assert not np.array_equal(whole[:10], D.Sampler(10, 4).rows(0, 10))
+    assert not np.array_equal(whole[:10], B.Sampler(10, 4).rows(0, 10))
 
 
 def test_global_batch_is_the_host_batch_on_every_shard():
     c = corpus_of([list(range(1, 40)), list(range(1, 30))])
-    loader = D.Loader(c, seq_len=5, batch_size=16, grad_accum=2, seed=0)
+    loader = B.Loader(c, seq_len=5, batch_size=16, grad_accum=2, seed=0)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     g = loader.global_batch(24, NamedSharding(mesh, P(None, "data")))
     h = loader.host_batch(24)
@@ -89,7 +90,7 @@ def test_memmap_sources_split_documents_at_eos(tmp_path):
         np.testing.assert_array_equal(train.doc_starts, [0, 3, 7])
         assert len(ev.tokens) == 3
     with pytest.raises(D.TrainConfigError, match="token id 12"):
-        D.pack_rows(D.memmap_corpus(np.array([1, 12, 3, 4]), -1, "x", 10), np.array([0]), 3)
+        B.pack_rows(D.memmap_corpus(np.array([1, 12, 3, 4]), -1, "x", 10), np.array([0]), 3)
 
 
 def test_jsonl_source_with_a_tokenizer_json(tmp_path):
@@ -193,7 +194,7 @@ def test_bias_update_reduces_load_imbalance_of_a_skewed_router():
     assert not StepFns(graphdef, plan.mcfg, cfg.loss.__class__(bias_update_speed=0.0), tx, lr,
                        cfg.steps).use_bias
     step = jax.jit(fns.train_step)
-    loader = D.Loader(plan.train, cfg.data.seq_len, 16, 1, 0)
+    loader = B.Loader(plan.train, cfg.data.seq_len, 16, 1, 0)
     batch = loader.global_batch(0, NamedSharding(plan.mesh, P(None, "data")))
     imb = []
     for _ in range(8):

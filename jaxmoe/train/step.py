@@ -16,7 +16,7 @@ processes, so inside the jitted step XLA reduces them across devices and hosts: 
 applies the same update from GLOBAL counts.
 
 State: {"params", "biases", "rest", "opt", "rng", "step"}; batches come from
-`data.Loader.global_batch` as {"tokens", "segments", "positions"} [A, B/A, T + 1].
+`batches.Loader.global_batch` as {"tokens", "segments", "positions"} [A, B/A, T + 1].
 
 LoRA runs (jaxmoe/lora): "params" holds only the adapters (what the optimizer sees), the frozen
 base sits in "frozen"; adapter dropout masks come from the step's RNG; the base's router biases

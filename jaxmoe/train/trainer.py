@@ -22,6 +22,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.parallel import distributed
 from jaxmoe.paths import folder_problem
 from jaxmoe.parallel.sharding import Layout
+from jaxmoe.train import batches
 from jaxmoe.train import data as data_lib
 from jaxmoe.train import metrics as metrics_lib
 from jaxmoe.train.metrics import log
@@ -292,8 +293,8 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
             log(f"metrics.jsonl: dropped {writer.dropped} line(s) after step {start} "
                 "(not in the checkpoint)")
 
-    train_loader = data_lib.Loader(plan.train, d.seq_len, d.batch_size, d.grad_accum, cfg.seed)
-    eval_loader = (data_lib.Loader(plan.eval, d.seq_len, d.batch_size, d.grad_accum, cfg.seed,
+    train_loader = batches.Loader(plan.train, d.seq_len, d.batch_size, d.grad_accum, cfg.seed)
+    eval_loader = (batches.Loader(plan.eval, d.seq_len, d.batch_size, d.grad_accum, cfg.seed,
                                    shuffle=False)
                    if plan.eval.n_rows(d.seq_len) > 0 and d.eval_batches > 0 else None)
     jstep = jax.jit(fns.train_step, donate_argnums=(0,),
