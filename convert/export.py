@@ -19,7 +19,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from jaxmoe import hf_mapping, orbax_io
+from jaxmoe import hf_mapping, orbax_io, paths
 from jaxmoe.safetensors_io import NAMES, CheckpointError
 
 from convert import writer
@@ -86,7 +86,7 @@ class ShardedWriter:
 
     def write(self, a: np.ndarray) -> None:
         a = np.ascontiguousarray(a, self._dtype)
-        self._f.write(memoryview(a.view(np.uint8).reshape(-1)))
+        self._f.write(memoryview(a.view(np.uint8).reshape(-1)))  # the array's bytes, [nbytes]
         self._left -= a.nbytes
 
     def close(self) -> None:
@@ -202,6 +202,6 @@ def export(orbax_dir, hf_dir, *, dtype: str = "bfloat16", max_shard_bytes: int =
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    writer.replace_folder(tmp, out)
+    paths.replace_folder(tmp, out)
     st.seconds = time.perf_counter() - t0
     return st

@@ -51,7 +51,7 @@ def _has_special(x: np.ndarray) -> bool:
     mask, val = _EXP_MASK[x.dtype.itemsize]
     if x.dtype == np.float16:
         mask = val = 0x7C00
-    flat = np.asarray(x).reshape(-1).view(_UINT[x.dtype.itemsize])
+    flat = np.asarray(x).reshape(-1).view(_UINT[x.dtype.itemsize])  # [n] as unsigned words
     buf = getattr(_LOCAL, "buf", None)
     if buf is None:
         buf = _LOCAL.buf = np.empty(4 << 20, np.uint8)

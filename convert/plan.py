@@ -85,10 +85,6 @@ class Plan:
         return sum(s.out_bytes for s in self.slabs)
 
     @property
-    def total_src_bytes(self) -> int:
-        return sum(s.src_bytes for s in self.slabs)
-
-    @property
     def num_params(self) -> int:
         return sum(math.prod(a.shape) for a in self.arrays.values())
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from jaxmoe.hf_io import SCALE_SUFFIX, HFCheckpoint
+from jaxmoe.hf_io import HFCheckpoint
 from jaxmoe.safetensors_io import DTYPES, CheckpointError
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
@@ -80,9 +80,6 @@ class Source:
 
     def is_fp8(self, name: str) -> bool:
         return self.dtype_name(name) == FP8_DTYPE
-
-    def scale_name(self, name: str) -> str:
-        return name + SCALE_SUFFIX
 
     # ------------------------------------------------------------------------------ reading
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:

@@ -39,10 +39,10 @@ def quantize_fp8(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarra
     nb = scale_shape((M, N), block)
     p = np.zeros((nb[0] * br, nb[1] * bc), np.float32)
     p[:M, :N] = w
-    blocks = p.reshape(nb[0], br, nb[1], bc)
+    blocks = p.reshape(nb[0], br, nb[1], bc)  # [M', N'] -> [row blocks, br, col blocks, bc]
     amax = np.abs(blocks).max(axis=(1, 3))
     s = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-    q = np.clip(blocks / s[:, None, :, None], -448, 448).reshape(p.shape)[:M, :N]
+    q = np.clip(blocks / s[:, None, :, None], -448, 448).reshape(p.shape)[:M, :N]  # -> [M, N]
     return q.astype(E4M3), s
 
 

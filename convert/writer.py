@@ -19,7 +19,7 @@ import numpy as np
 import tensorstore as ts
 
 from jaxmoe import orbax_io, paths
-from jaxmoe.paths import fsync_dir, replace_folder  # noqa: F401  (export uses writer.replace_folder)
+from jaxmoe.paths import fsync_dir, replace_folder
 from jaxmoe.safetensors_io import CheckpointError
 
 from convert.plan import Plan, Slab
@@ -141,11 +141,18 @@ def read_journal(tmp: str) -> set[str]:
     p = os.path.join(tmp, JOURNAL)
     if os.path.exists(p):
         with open(p) as f:
-            for line in f:
-                try:
-                    done.update(json.loads(line))
-                except ValueError:  # a torn last line from a kill: that batch is redone
-                    pass
+            lines = f.read().split("\n")
+        for i, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                done.update(json.loads(line))
+            except ValueError:
+                if i == len(lines) - 1:  # a torn last line from a kill: that batch is redone
+                    break
+                raise CheckpointError(f"{p}, line {i + 1}: not a JSON list of finished arrays; "
+                                      "the resume journal is corrupt (start again without "
+                                      "--resume, or with --overwrite)") from None
     return done
 
 
@@ -161,12 +168,11 @@ class Writer:
              "metadata": orbax_io.zarr_metadata(a.shape, a.dtype, a.chunks)},
             create=True, open=True, context=self.ctx) for a in plan.arrays.values()}
         self.arrays = {k: f.result() for k, f in opened.items()}
-        self._journal = open(os.path.join(tmp, JOURNAL), "a+")
-        self._journal.seek(0, os.SEEK_END)
-        if self._journal.tell():  # after a kill mid-line: start a fresh line
-            self._journal.seek(self._journal.tell() - 1)
-            if self._journal.read(1) != "\n":
-                self._journal.write("\n")
+        self._journal = open(os.path.join(tmp, JOURNAL), "a+b")
+        self._journal.seek(0)
+        whole = self._journal.read()
+        if whole and not whole.endswith(b"\n"):  # after a kill mid-line: drop the torn line,
+            self._journal.truncate(whole.rfind(b"\n") + 1)  # so only a last line can be torn
         self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
         self._pending: list = []  # (commit future, keys), oldest first
         self._copies: list = []  # (copy future, array) of the batch being staged
@@ -206,7 +212,7 @@ class Writer:
         fut, keys = self._pending.pop(0)
         fut.result()
         _trim()
-        self._journal.write(json.dumps(keys) + "\n")
+        self._journal.write((json.dumps(keys) + "\n").encode())
         self._journal.flush()
         os.fsync(self._journal.fileno())
 

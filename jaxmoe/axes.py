@@ -1,14 +1,24 @@
 """Logical axis names and the einsum alphabet used throughout jaxmoe.
 
-Einsum letters (parameter names carry them as a suffix, e.g. `wq_b_QNJ` is [Q, N, J]):
+Einsum letters (parameter names carry them as a suffix, e.g. `wq_b_QNJ` is [Q, N, J]); the README's
+table lists the same letters:
 
-    B batch                  T query position         S key position
-    D model (hidden)         N attention heads        J q/k head dim (nope + rope)
-    H qk nope head dim       R qk rope head dim       G value head dim
-    Q q-lora rank            C kv-lora rank           P kv_a output (C + R, packed)
-    I kv_b output per head (H + G)                    V vocabulary
-    E routed experts         K experts per token      F ffn hidden
-    M flattened tokens (B*T) L layers in a scanned stack
+    B batch                                  M flattened tokens (B*T)
+    T query position                         S key position
+    D model (hidden)                         V vocabulary
+    N attention heads                        J q/k head dim (nope + rope)
+    H q/k nope head dim                      R q/k rope head dim
+    G value head dim                         I kv_b output per head (H + G)
+    Q q-lora rank                            C kv-lora rank
+    P kv_a output (C + R, packed)            U MTP eh_proj input ([embedding; hidden], 2D)
+    E routed experts                         K experts per token
+    F FFN hidden                             Z gate and up, packed (2F)
+    W expert-sorted pair rows (M*K + pad)    L layers in a scanned stack
+    X a weight's flattened input             Y a weight's flattened output
+    A LoRA rank
+
+X and Y stand for whichever axes a generic op contracts and produces (a LoRA pair A [X, A] @ B [A, Y];
+the grouped matmul's contraction and output width).
 
 Logical axis names below are the only sharding vocabulary the model code knows; mesh presets in
 `pjit_configs/` map them to mesh axes.

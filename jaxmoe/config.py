@@ -50,6 +50,8 @@ OFFICIAL_NAMES: dict[str, str] = {
 
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto" picks one per backend (`kernels/dispatch.default_impl`); the rest are `dispatch.IMPLS`
+# (config stays a leaf that imports no jax; tests/test_dispatch.py checks the two agree)
 MOE_IMPLS = ("auto", "segment", "ragged_dot", "dense", "pallas")
 
 
@@ -108,7 +110,7 @@ class ModelConfig:
     # Dtype policy
     param_dtype: str = "float32"
     dtype: str = "float32"
-    # Runtime: the routed-expert dispatch ("auto" picks per backend; see layers/dispatch.py), and the
+    # Runtime: the routed-expert dispatch ("auto" picks per backend; see kernels/dispatch.py), and the
     # optional expert capacity (None = dropless; else each expert keeps its first
     # ceil(factor * tokens * K / E) (token, expert) pairs and the MoE aux reports the dropped count)
     moe_impl: str = "auto"

@@ -29,23 +29,23 @@ def _t(a, cfg):
 def _q_heads(a, cfg):
     """[N*J, A] -> [A, N, J]."""
     N = cfg.num_attention_heads
-    return np.ascontiguousarray(a.reshape(N, -1, a.shape[-1]).transpose(2, 0, 1))
+    return np.ascontiguousarray(a.reshape(N, -1, a.shape[-1]).transpose(2, 0, 1))  # [N, J, A] -> [A, N, J]
 
 
 def _q_heads_inv(a, cfg):
     """[A, N, J] -> [N*J, A]."""
-    return np.ascontiguousarray(a.transpose(1, 2, 0).reshape(-1, a.shape[0]))
+    return np.ascontiguousarray(a.transpose(1, 2, 0).reshape(-1, a.shape[0]))  # [N, J, A] -> [N*J, A]
 
 
 def _o_heads(a, cfg):
     """o_proj [D, N*G] -> [N, G, D]."""
     N = cfg.num_attention_heads
-    return np.ascontiguousarray(a.reshape(a.shape[0], N, -1).transpose(1, 2, 0))
+    return np.ascontiguousarray(a.reshape(a.shape[0], N, -1).transpose(1, 2, 0))  # [D, N, G] -> [N, G, D]
 
 
 def _o_heads_inv(a, cfg):
     """[N, G, D] -> [D, N*G]."""
-    return np.ascontiguousarray(a.transpose(2, 0, 1).reshape(a.shape[-1], -1))
+    return np.ascontiguousarray(a.transpose(2, 0, 1).reshape(a.shape[-1], -1))  # [D, N, G] -> [D, N*G]
 
 
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {

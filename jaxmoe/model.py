@@ -89,7 +89,7 @@ class DeepseekV3(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         B, T, D = hidden.shape
         # 2-D matmul for a transpose-free weight gradient (see layers/mlp.py)
-        logits = jnp.einsum("MD,DV->MV", hidden.reshape(B * T, D),
+        logits = jnp.einsum("MD,DV->MV", hidden.reshape(B * T, D),  # [B, T, D] -> [M, D]
                             weight(self.lm_head_DV, self.cfg),
                             preferred_element_type=jnp.float32)
         return logits.reshape(B, T, -1)  # [B, T, V]

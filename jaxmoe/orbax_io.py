@@ -22,7 +22,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxmoe.config import ModelConfig, read_json_object
@@ -253,9 +252,3 @@ def write_json_durable(path: str, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def restore_numpy(path, name: str, index: tuple = ()) -> np.ndarray:
-    """One stored array (or the slab `index` of it) as numpy, without jax (export, tests)."""
-    arr = open_array(path, name)
-    return np.asarray(arr[index].read().result() if index else arr.read().result())

@@ -75,7 +75,7 @@ def _abstract_state(mcfg, layout, tx, remat: bool):
     from flax import nnx
 
     import jaxmoe
-    from jaxmoe.train.trainer import split_model
+    from jaxmoe.train.state import split_model
 
     graphdef, parts = split_model(nnx.eval_shape(
         lambda: jaxmoe.DeepseekV3(mcfg, rngs=nnx.Rngs(0), remat=remat)))

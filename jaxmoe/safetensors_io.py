@@ -111,7 +111,7 @@ class SafetensorsFile:
         info = self.header[name]
         b, e = info["data_offsets"]
         raw = self._mm[self._base + b:self._base + e]
-        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        return raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])  # [bytes] -> the header's shape
 
     def close(self):
         self._mm = None

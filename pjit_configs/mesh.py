@@ -113,7 +113,7 @@ class MeshPreset:
                 return mesh_utils.create_device_mesh(self.shape, ordered)
             except (ValueError, NotImplementedError, AssertionError):
                 pass  # a shape the topology helper does not know: fall back to id order
-        return np.asarray(ordered, dtype=object).reshape(self.shape)
+        return np.asarray(ordered, dtype=object).reshape(self.shape)  # [n devices] -> the mesh shape
 
     # ------------------------------------------------------------------------------ layout
     def ep_spec(self, mesh: Mesh) -> EPSpec | None:

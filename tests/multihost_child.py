@@ -15,6 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
+    """The contiguous rows of a global array that this process's devices hold (what a
+    per-process data loader reads)."""
+    idx = sharding.addressable_devices_indices_map(global_shape)
+    spans = {s[0].indices(global_shape[0])[:2] for s in idx.values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    assert sum(b - a for a, b in spans) == hi - lo, f"rows not contiguous: {sorted(spans)}"
+    return slice(lo, hi)
+
+
 def main(port: str, pid: str, out: str) -> None:
     from jaxmoe.parallel import distributed
 
@@ -42,9 +52,9 @@ def main(port: str, pid: str, out: str) -> None:
     # per-process data loading: this process reads only the rows its devices hold
     bsh = layout.batch_sharding()
     shape = (U.B, U.T + 1)
-    rows = distributed.process_rows(bsh, shape)
+    rows = process_rows(bsh, shape)
     local = U.tokens(cfg.vocab_size)[rows]  # stands in for a loader reading rows lo:hi
-    tok = distributed.global_array(local, bsh, shape)
+    tok = jax.make_array_from_process_local_data(bsh, local, shape)
     assert not tok.is_fully_addressable
     with layout.scope():
         (loss, logits), grads = U.make_step(graphdef, out_shardings=((None, None), psh))(

@@ -22,7 +22,7 @@ def tiny_cfg():
 
 def host_parts(cfg, seed: int = 3):
     """(graphdef, params, rest) from the trainer's numpy init: identical in every process."""
-    from jaxmoe.train.trainer import host_init
+    from jaxmoe.train.state import host_init
 
     graphdef, params, rest = nnx.split(
         nnx.eval_shape(lambda: jaxmoe.DeepseekV3(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)

@@ -159,3 +159,21 @@ def test_kill_between_seal_and_rename_is_recovered_by_resume(fp8_src, tmp_path, 
     assert st.slabs == 0 and os.path.exists(os.path.join(out, orbax_io.MARKER))
     assert not os.path.exists(os.path.join(out, writer.JOURNAL))
     jaxmoe.load_model(out)
+
+
+def test_journal_tolerates_only_a_torn_last_line(tmp_path):
+    """A kill mid-write can tear the journal's last line only: resuming drops the torn line
+    before appending; any other bad line is a corrupt journal, reported with its line."""
+    import convert.writer as W
+    from convert.plan import Plan
+
+    p = tmp_path / W.JOURNAL
+    p.write_text('["a"]\n["b", "c"]\n["d", "e')  # torn by a kill
+    assert W.read_journal(str(tmp_path)) == {"a", "b", "c"}
+    w = W.Writer(str(tmp_path), Plan(cfg=CFG, dtype="float32", arrays={}, slabs=[],
+                                     fingerprint=""))
+    w.close()
+    assert p.read_text() == '["a"]\n["b", "c"]\n'  # the next batch starts a clean line
+    p.write_text('["a"]\n{oops\n["b"]\n')
+    with pytest.raises(CheckpointError, match=r"convert_journal.jsonl, line 2: .*corrupt"):
+        W.read_journal(str(tmp_path))

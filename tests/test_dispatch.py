@@ -1,5 +1,5 @@
 """Routed-expert dispatch: the "segment", "ragged_dot" and "dense" implementations agree in value and in
-gradient (x, routing weights, the three expert weight stacks), and `tile_layout` keeps its invariants."""
+gradient (x, routing weights, the three expert weight stacks)."""
 
 import functools
 import zlib
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 
 D, F = 8, 4  # small model and expert widths
 
@@ -86,6 +86,12 @@ def test_impls_agree_forward_and_grad(name):
     assert np.abs(out["dense"][0]).max() > 0.1 and np.abs(out["dense"][2]).max() > 0.1  # not vacuous
 
 
+def test_config_accepts_exactly_the_dispatch_impls():
+    from jaxmoe.config import MOE_IMPLS
+
+    assert MOE_IMPLS == ("auto",) + dispatch.IMPLS
+
+
 def test_unknown_impl_raises():
     x = jnp.zeros((2, D))
     w = jnp.zeros((1, D, F))
@@ -93,41 +99,3 @@ def test_unknown_impl_raises():
         dispatch.experts_swiglu(x, jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int32), w, w,
                                 jnp.zeros((1, F, D)), "nope")
 
-
-# ----------------------------------------------------------------------------------------- tile layout
-_layout = jax.jit(dispatch.tile_layout, static_argnums=(1, 2))
-
-
-@pytest.mark.parametrize("M,K,E,tile,choices", [
-    (13, 3, 4, 4, None), (13, 3, 4, 4, [0, 3]), (10, 1, 6, 2, [5]), (16, 8, 256, 1, None),
-    (16, 8, 256, 4, None), (64, 8, 32, 8, None), (7, 2, 16, 64, [2, 9, 15]), (1, 1, 1, 1, None)])
-def test_tile_layout_invariants(M, K, E, tile, choices):
-    rng = np.random.default_rng(M * 1000 + E)
-    pool = np.arange(E) if choices is None else np.array(choices)
-    experts = np.stack([rng.choice(pool, K, replace=len(pool) < K) for _ in range(M)]).astype(np.int32)
-    lay = jax.device_get(_layout(jnp.asarray(experts), E, tile))
-    flat = experts.reshape(-1)
-    n_tiles = lay.tile_expert.shape[0]
-    dest = np.asarray(lay.dest)
-    sizes = np.bincount(flat, minlength=E)
-    np.testing.assert_array_equal(lay.group_sizes, sizes)
-    # every (token, k) pair gets its own row inside the buffer
-    assert len(np.unique(dest)) == M * K and dest.min() >= 0 and dest.max() < n_tiles * tile
-    # tiles hold one expert: the tile of each pair belongs to that pair's expert
-    np.testing.assert_array_equal(lay.tile_expert[dest // tile], flat)
-    used = (-(-sizes // tile)).sum()
-    assert int(lay.n_used) == used and used <= n_tiles
-    assert (dest // tile < used).all()
-    starts = []
-    for e in np.unique(flat):
-        rows = np.sort(dest[flat == e])
-        # rows of one expert are contiguous and start on a tile boundary
-        np.testing.assert_array_equal(rows, rows[0] + np.arange(len(rows)))
-        assert rows[0] % tile == 0
-        starts.append(rows[0])
-        # order inside an expert is stable (token-major), as the argsort promises
-        np.testing.assert_array_equal(dest[np.flatnonzero(flat == e)], rows)
-    assert starts == sorted(starts)  # experts appear in index order
-    # tile_expert is non-decreasing over the used tiles and in range everywhere
-    te = np.asarray(lay.tile_expert)
-    assert (np.diff(te[:used]) >= 0).all() and te.min() >= 0 and te.max() < E

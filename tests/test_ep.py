@@ -22,7 +22,7 @@ from jax.sharding import AxisType
 
 import jaxmoe
 import parity_util as pu
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 from jaxmoe.layers.moe import MoE
 from jaxmoe.parallel import ep, ep_a2a
 from jaxmoe.parallel.context import EPSpec, ep_scope

@@ -42,13 +42,14 @@ def _workdir(tmp_path):
     """A jaxmoe-train workdir as `--model.init_from` the v3 oracle folder leaves it: one
     checkpoint of its parameters plus optimizer moments (which generation must not read),
     written by the trainer's own Checkpointer."""
-    from jaxmoe.train import trainer
     from jaxmoe.train.checkpoint import Checkpointer
     from jaxmoe.train.config import ModelSection, TrainConfig
 
     run = TrainConfig(name="t", workdir=str(tmp_path / "wd"),
                       model=ModelSection(init_from=str(pu.saved("v3"))))
-    _, parts = trainer.split_model(pu.load(pu.saved("v3")))
+    from jaxmoe.train.state import split_model
+
+    _, parts = split_model(pu.load(pu.saved("v3")))
     moments = jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype), parts["params"])
     state = dict(parts, opt={"mu": moments, "nu": moments}, rng=np.zeros(2, np.uint32),
                  step=np.int32(7))

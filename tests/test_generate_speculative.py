@@ -22,7 +22,7 @@ engine.set_compiler_options(pu.FAST_COMPILE)
 
 def with_mtp(copy_last: bool):
     """pu.load("v3") plus an MTP module (random normal(0, 0.08) weights, norms 1)."""
-    from jaxmoe.train.trainer import host_init
+    from jaxmoe.train.state import host_init
 
     base = pu.load(pu.saved("v3"))
     cfg = base.cfg.replace(num_nextn_predict_layers=1)

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe.kernels import segment
+from jaxmoe.kernels import dispatch, segment
 from jaxmoe.kernels.gmm import ops as gmm_ops
 from jaxmoe.kernels.gmm import reference as gmm_ref
 from jaxmoe.kernels.permute import ops as perm_ops
 from jaxmoe.kernels.permute import reference as perm_ref
 from jaxmoe.kernels.router import ops as router_ops
 from jaxmoe.kernels.router import reference as router_ref
-from jaxmoe.layers import dispatch
 from jaxmoe.layers.router import route as core_route
 
 

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from jaxmoe.kernels import dispatch
 from jaxmoe.kernels.gmm import ops as gmm_ops
 from jaxmoe.kernels.permute import ops as perm_ops
 from jaxmoe.kernels.router import ops as router_ops
 from jaxmoe.kernels.router.reference import RouterSpec
-from jaxmoe.layers import dispatch
 
 PLATFORMS = {"gpu": "cuda", "tpu": "tpu"}
 # Pallas-Triton kernels are custom calls without a cross-version stability guarantee; allow them

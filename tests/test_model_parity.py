@@ -13,7 +13,7 @@ from flax import nnx
 
 import oracle
 import parity_util as pu
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 
 TOL = 1e-5
 

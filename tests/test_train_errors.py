@@ -14,7 +14,7 @@ from flax import nnx
 import jaxmoe
 from jaxmoe import hf_io, orbax_io, safetensors_io
 from jaxmoe.parallel import distributed as D
-from jaxmoe.train import trainer, workdir
+from jaxmoe.train import state as train_state, trainer, workdir
 from jaxmoe.train.checkpoint import Checkpointer, saved_part
 from jaxmoe.train.cli import main as train_main
 from jaxmoe.train.config import TrainConfigError
@@ -39,9 +39,9 @@ def run(tmp_path_factory):
     wd = root / "run"
     cfg = parse_args(argv_for(wd))
     plan = trainer.prepare(cfg)
-    graphdef, abstract = trainer.split_model(
+    graphdef, abstract = train_state.split_model(
         nnx.eval_shape(lambda: jaxmoe.DeepseekV3(plan.mcfg, rngs=nnx.Rngs(0))))
-    parts = trainer.host_init(abstract, plan.mcfg, cfg.seed)
+    parts = train_state.host_init(abstract, plan.mcfg, cfg.seed)
     tx, _ = make_optimizer(cfg.optim, cfg.steps)
     state = dict(parts, opt=tx.init(parts["params"]), rng=np.zeros(2, np.uint32),
                  step=np.int32(STEPS))

@@ -17,12 +17,12 @@ from jaxmoe.train.config import DataSection, OptimSection
 from jaxmoe.train.runs import get_run
 from jaxmoe.train.flags import apply_overrides
 from jaxmoe.train.optim import decays, make_optimizer, schedule
-from jaxmoe.train.step import bias_update, doc_mask, mtp_forward, target_mask
+from jaxmoe.train.step import bias_update, doc_mask, target_mask
 
 
 def host_model(cfg, seed=0):
     """A DeepseekV3 with the trainer's numpy init: no init program to compile."""
-    from jaxmoe.train.trainer import host_init
+    from jaxmoe.train.state import host_init
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: jaxmoe.DeepseekV3(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, host_init(state, cfg, seed))
@@ -148,8 +148,8 @@ def test_mtp_forward_with_causal_mask_is_the_models_mtp():
     def run(state):
         model = nnx.merge(graphdef, state)
         out = model.forward(tok, with_mtp=True)
-        ours = mtp_forward(model, out.hidden, tok, pos, doc_mask(jnp.ones_like(tok), pos))
-        split = mtp_forward(model, out.hidden, tok, pos, doc_mask(seg2, pos))[0]
+        ours = model.mtp_forward(out.hidden, tok, pos, doc_mask(jnp.ones_like(tok), pos))
+        split = model.mtp_forward(out.hidden, tok, pos, doc_mask(seg2, pos))[0]
         return out, ours, split
 
     out, (lg, aux), lg2 = run(state)
@@ -269,7 +269,7 @@ def test_router_entropy_is_the_mean_over_routers():
         inp, p = mb["tokens"][:, :-1], mb["positions"][:, :-1]
         mask = doc_mask(jnp.asarray(mb["segments"][:, :-1]), p)
         out = model.forward(inp, p, mask=mask)
-        mtp_aux = mtp_forward(model, out.hidden, inp, p, mask)[1]
+        mtp_aux = model.mtp_forward(out.hidden, inp, p, mask)[1]
         per_router = jnp.concatenate([out.aux["score_entropy"],
                                       jnp.stack([a["score_entropy"] for a in mtp_aux])])
         denom = fns.denominators(jnp.asarray(mb["segments"])[None])

@@ -153,7 +153,7 @@ def check_prompts(prompt_ids, cfg, max_new_tokens: int) -> list[list[int]]:
     V, limit = cfg.vocab_size, cfg.max_position_embeddings
     for i, p in enumerate(prompt_ids):
         try:
-            ids = [int(t) for t in (p if isinstance(p, list) else np.asarray(p).reshape(-1))]
+            ids = [int(t) for t in (p if isinstance(p, list) else np.asarray(p).reshape(-1))]  # any shape -> [n]
         except (TypeError, ValueError):
             raise GenerateError(f"prompt {i}: not a list of token ids ({p!r:.60})") from None
         if not ids:

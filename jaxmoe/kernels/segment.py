@@ -68,16 +68,16 @@ def make_plan(experts: jax.Array, num_experts: int, sizes: tuple[int, ...],
     chunks: floor(rows / cap) of `cap` rows, then the remainder in the smallest bucket that holds it."""
     M, K = experts.shape
     n, E, cap = M * K, num_experts, sizes[-1]
-    flat = experts.reshape(-1).astype(jnp.int32)
+    flat = experts.reshape(-1).astype(jnp.int32)  # [M, K] -> [M*K]
     if keep is not None:
-        flat = jnp.where(keep.reshape(-1), flat, E)  # dropped pairs sort last, in no group
+        flat = jnp.where(keep.reshape(-1), flat, E)  # keep [M, K] -> [M*K]; dropped pairs sort last, in no group
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> pair
     gs = jnp.bincount(flat, length=E).astype(jnp.int32)
     start = jnp.cumsum(gs) - gs
     kept = gs.sum()
     rows = jnp.arange(n, dtype=jnp.int32)
     sorted_pos = jnp.where(rows < kept, rows, n)  # dropped pairs read row n: never written, zero
-    pos = jnp.zeros((n,), jnp.int32).at[order].set(sorted_pos).reshape(M, K)
+    pos = jnp.zeros((n,), jnp.int32).at[order].set(sorted_pos).reshape(M, K)  # [M*K] -> [M, K]
     pad = jnp.zeros((cap,), jnp.int32)
     row_tok = jnp.concatenate([order // K, pad])
     row_pair = jnp.concatenate([jnp.where(rows < kept, order, -1), pad - 1])
@@ -165,7 +165,7 @@ def _experts_fwd(x, w, wg, wu, wd, plan, sizes):
 def _experts_bwd(sizes, res, dout):
     x, w, wg, wu, wd, plan, gp, up = res
     dt = x.dtype
-    wflat = w.astype(jnp.float32).reshape(-1)
+    wflat = w.astype(jnp.float32).reshape(-1)  # [M, K] -> [M*K]
     row_w = jnp.where(plan.row_pair >= 0, wflat[jnp.maximum(plan.row_pair, 0)], 0.0)
 
     def body(s, e, a, v, carry):

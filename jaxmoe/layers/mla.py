@@ -19,6 +19,10 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.layers.norm import RMSNorm
 from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.rope import apply_rope
+from jaxmoe.parallel.sharding import constrain
+
+# per-head activations [B, T, N, ·]: heads split over the rules' act_heads axes under a layout
+PER_HEAD = (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_HEADS, None)
 
 NEG_INF = -1e30  # finite: a fully masked row (padding) must not produce NaN
 Q_CHUNK = 128  # naive path: queries per block of the block-causal attention
@@ -82,7 +86,7 @@ class MLA(nnx.Module):
         """(RMSNorm_kv(c) [B, T, C], rotated k_pe [B, T, R])."""
         cfg = self.cfg
         B, T, D = x.shape
-        kv = jnp.einsum("MD,DP->MP", x.reshape(B * T, D), weight(self.wkv_a_DP, cfg))
+        kv = jnp.einsum("MD,DP->MP", x.reshape(B * T, D), weight(self.wkv_a_DP, cfg))  # [B, T, D] -> [M, D]
         kv = kv.reshape(B, T, -1)  # [B, T, P]
         c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
         return self.kv_norm(c), apply_rope(k_pe, cos, sin)
@@ -115,9 +119,10 @@ class MLA(nnx.Module):
         kvb = jnp.dot(c.reshape(B * T, C), weight(self.wkv_b_CNI, cfg).reshape(C, -1))  # [M, N*I]
         kvb = kvb.reshape(B, T, N, -1)  # [B, S, N, I]
         # one score contraction over [nope | rope]: the shared rope key is broadcast over heads
-        q = jnp.concatenate([q_nope, q_pe], -1)  # [B, T, N, J]
-        k = jnp.concatenate([kvb[..., :H], jnp.broadcast_to(k_pe[:, :, None], (B, T, N, R))], -1)
-        v = kvb[..., H:]  # [B, S, N, G]
+        q = constrain(jnp.concatenate([q_nope, q_pe], -1), PER_HEAD)  # [B, T, N, J]
+        k = constrain(jnp.concatenate([kvb[..., :H], jnp.broadcast_to(k_pe[:, :, None],
+                                                                      (B, T, N, R))], -1), PER_HEAD)
+        v = constrain(kvb[..., H:], PER_HEAD)  # [B, S, N, G]
         outs = []
         for t0 in range(0, T, Q_CHUNK):
             # block-causal: queries [t0, t1) never see keys past t1, so those keys are not computed
@@ -129,7 +134,8 @@ class MLA(nnx.Module):
                 allowed = allowed & mask[:, :, t0:t1, :t1]
             p = self._softmax(scores, allowed, x.dtype)
             outs.append(jnp.einsum("BNTS,BSNG->BTNG", p, v[:, :t1]))
-        return self._out(jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0])
+        o = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]  # [B, T, N, G]
+        return self._out(constrain(o, PER_HEAD))
 
     # -------------------------------------------------------------------------------- absorbed
     def absorbed(self, x: jax.Array, positions: jax.Array, cos: jax.Array, sin: jax.Array,

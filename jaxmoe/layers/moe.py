@@ -8,12 +8,13 @@ from flax import nnx
 
 from jaxmoe import axes
 from jaxmoe.config import ModelConfig
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 from jaxmoe.layers.mlp import MLP
 from jaxmoe.layers.params import param, weight
 from jaxmoe.layers.router import Router, Routing
 from jaxmoe.parallel import ep
 from jaxmoe.parallel.context import current_ep
+from jaxmoe.parallel.sharding import constrain
 
 
 class MoE(nnx.Module):
@@ -31,7 +32,8 @@ class MoE(nnx.Module):
         """x [B, T, D] -> (y [B, T, D], aux with per-expert counts and the sequence balance term)."""
         cfg = self.cfg
         B, T, D = x.shape
-        xm = x.reshape(B * T, D)  # [M, D]
+        # the flattened tokens stay split like the batch rows they come from (under a layout)
+        xm = constrain(x.reshape(B * T, D), (axes.ACT_TOKENS, axes.ACT_EMBED))  # [B, T, D] -> [M, D]
         r = self.router(xm)
         keep = dropped = None
         if cfg.moe_capacity_factor is not None:
@@ -48,7 +50,7 @@ class MoE(nnx.Module):
                                                  impl=resolve_impl(cfg.moe_impl), keep=keep)
             if ep_dropped is not None:
                 dropped = ep_dropped if dropped is None else dropped + ep_dropped
-        y = y.reshape(B, T, D)
+        y = y.reshape(B, T, D)  # [M, D] -> [B, T, D]
         if self.shared is not None:
             y = y + self.shared(x)
         return y, routing_stats(r, B, T, cfg, dropped)
@@ -69,12 +71,12 @@ def routing_stats(r: Routing, B: int, T: int, cfg: ModelConfig, dropped: jax.Arr
     onehot = jax.nn.one_hot(r.experts, E, dtype=jnp.float32)  # [M, K, E]
     if r.used is not None:
         onehot = onehot * r.used[..., None]
-    chosen = onehot.sum(1).reshape(B, T, E)
+    chosen = onehot.sum(1).reshape(B, T, E)  # [M, K, E] -> [M, E] -> [B, T, E]
     if r.used is None:
         f = chosen.sum(1) * (E / (K * T))  # [B, E]
     else:
         f = chosen.sum(1) * E / jnp.maximum(chosen.sum((1, 2)), 1.0)[:, None]  # [B, E]
-    s = r.scores.reshape(B, T, E)
+    s = r.scores.reshape(B, T, E)  # [M, E] -> [B, T, E]
     q = s / s.sum(-1, keepdims=True)  # [B, T, E]
     p = q.mean(1)  # [B, E]
     entropy = -(q * jnp.log(jnp.maximum(q, 1e-30))).sum(-1).mean()

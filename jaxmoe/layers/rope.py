@@ -66,7 +66,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate interleaved pairs of x [B, T, ..., R] by angles [B, T, R/2]."""
     extra = x.ndim - cos.ndim  # head axes between T and R
     cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])  # [B, T, (1,)*, R/2]
-    sin = sin.reshape(cos.shape)
+    sin = sin.reshape(cos.shape)  # the same [B, T, (1,)*, R/2]
     pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))  # [..., R/2, 2]: (real, imag)
     re, im = pairs[..., 0].astype(jnp.float32), pairs[..., 1].astype(jnp.float32)
     out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)

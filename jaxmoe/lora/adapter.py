@@ -85,7 +85,8 @@ class LoRAWeight(nnx.Module):
 
     def delta(self) -> jax.Array:
         """(alpha / r) * A @ B in float32, shaped like the base (inside a scan: one layer's)."""
-        d = jnp.einsum("...ir,...ro->...io", self.lora_a[...], self.lora_b[...],
+        # X / Y: the base's flattened input / output, A: the rank (jaxmoe/axes.py)
+        d = jnp.einsum("...XA,...AY->...XY", self.lora_a[...], self.lora_b[...],
                        precision=jax.lax.Precision.HIGHEST)
         return self.scale * d
 

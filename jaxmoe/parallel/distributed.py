@@ -1,5 +1,4 @@
-"""Multi-host set-up: `jax.distributed.initialize` from flags, environment or auto-detection,
-and global arrays from the rows each process loads itself.
+"""Multi-host set-up: `jax.distributed.initialize` from flags, environment or auto-detection.
 
 Where the coordinator comes from, first match wins:
 1. explicit arguments (the trainer's `--dist.coordinator host:port --dist.num_processes N
@@ -18,7 +17,6 @@ import dataclasses
 import os
 from typing import Mapping
 
-import numpy as np
 
 ENV_COORDINATOR = "JAXMOE_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXMOE_NUM_PROCESSES"
@@ -130,35 +128,15 @@ def init_distributed(coordinator: str = "", num_processes: int | None = None,
         return plan
     try:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    except Exception:  # a JAX without the option: CPU multi-process unsupported, others fine
-        pass
+        cpu_ok = True
+    except AttributeError:  # a JAX without the option: only accelerator backends can run
+        cpu_ok = False
     if plan.mode == "auto":
         jax.distributed.initialize()
     else:
         jax.distributed.initialize(coordinator_address=plan.coordinator,
                                    num_processes=plan.num_processes, process_id=plan.process_id)
+    if not cpu_ok and jax.default_backend() == "cpu" and jax.process_count() > 1:
+        raise DistributedError(f"jax {jax.__version__} has no jax_cpu_collectives_implementation "
+                               "option: its CPU backend cannot run collectives across processes")
     return plan
-
-
-def global_array(local: np.ndarray, sharding, global_shape: tuple[int, ...] | None = None):
-    """A global jax.Array from this process's rows: `local` holds the slice of the global
-    array that this process's devices address (rows split over the batch axes), as each
-    process's data loader reads only its own rows. `global_shape` defaults to `local` times
-    the number of processes along axis 0 of the sharded dimension."""
-    import jax
-
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
-
-
-def process_rows(sharding, global_shape: tuple[int, ...], dim: int = 0) -> slice:
-    """The contiguous rows (along `dim`) of a global array that this process's devices hold."""
-    import jax
-
-    idx = sharding.addressable_devices_indices_map(global_shape)
-    spans = [s[dim].indices(global_shape[dim])[:2] for s in idx.values()]
-    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    covered = sum(b - a for a, b in {tuple(s) for s in spans})
-    if covered != hi - lo:
-        raise DistributedError(f"process {jax.process_index()}: its rows along dim {dim} are not "
-                               f"contiguous ({sorted(set(map(tuple, spans)))})")
-    return slice(lo, hi)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 from jaxmoe.parallel import ep_a2a
 from jaxmoe.parallel.context import VARIANTS, EPSpec
 

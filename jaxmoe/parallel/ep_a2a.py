@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.layers import dispatch
+from jaxmoe.kernels import dispatch
 
 
 class Local(NamedTuple):
@@ -92,7 +92,7 @@ def fixed_a2a(x, w, e, wg, wu, wd, ctx: Local) -> tuple[jax.Array, jax.Array]:
     m, K = e.shape
     n, ep, El = m * K, ctx.ep, ctx.n_local
     C = peer_capacity(m, K, El, ep, ctx.capacity_factor)
-    flat = e.reshape(n)  # [n] pair r = token r // K, choice r % K
+    flat = e.reshape(n)  # [m, K] -> [n]: pair r = token r // K, choice r % K
     dst = jnp.minimum(flat // El, ep)  # [n]; ep: not routed
     rank = _rank_within(dst, ep + 1)
     sent = (dst < ep) & (rank < C)
@@ -108,7 +108,7 @@ def fixed_a2a(x, w, e, wg, wu, wd, ctx: Local) -> tuple[jax.Array, jax.Array]:
     ids = jax.lax.all_to_all(ids, ctx.axis, 0, 0, tiled=True)
     y = local_experts(rows, ids, wg, wu, wd, ctx)  # [ep*C, D]
     y = jax.lax.all_to_all(y, ctx.axis, 0, 0, tiled=True)  # back in this device's slot order
-    return combine(y, slot.reshape(m, K), w, x.dtype), dropped
+    return combine(y, slot.reshape(m, K), w, x.dtype), dropped  # slot [n] -> [m, K]
 
 
 # The collective "ragged_a2a" uses; tests may swap in a reference built from all_gather (see simulate).
@@ -142,7 +142,7 @@ def ragged_a2a(x, w, e, wg, wu, wd, ctx: Local) -> tuple[jax.Array, jax.Array]:
     R = recv_capacity(m, K, El, ep, ctx.capacity_factor)
     a2a = lambda a: jax.lax.all_to_all(a, ctx.axis, 0, 0, tiled=True)  # noqa: E731
     rag = ragged_collective()
-    flat = e.reshape(n)
+    flat = e.reshape(n)  # [m, K] -> [n] pairs
     dst = jnp.minimum(flat // El, ep)  # [n]; ep: not routed (sorts last, never sent)
     order = jnp.argsort(dst, stable=True).astype(jnp.int32)  # sorted row -> pair
     dst_sorted = dst[order]
@@ -167,4 +167,4 @@ def ragged_a2a(x, w, e, wg, wu, wd, ctx: Local) -> tuple[jax.Array, jax.Array]:
     ok = routed & (jnp.arange(n, dtype=jnp.int32) - in_off[d] < send_ok[d])
     dropped = jnp.sum(routed & ~ok, dtype=jnp.int32)
     pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.where(ok, jnp.arange(n, dtype=jnp.int32), n))
-    return combine(back, pos.reshape(m, K), w, x.dtype), dropped
+    return combine(back, pos.reshape(m, K), w, x.dtype), dropped  # pos [n] -> [m, K]

@@ -145,8 +145,10 @@ class Layout:
 
     @contextlib.contextmanager
     def scope(self):
-        """Trace inside this block: activation constraints follow the rules, and the MoE runs
-        expert-parallel per `self.ep` (open it around jax.jit tracing)."""
+        """Trace inside this block: the model's activation pins (residual stream, attention
+        heads) follow the rules, and the MoE runs expert-parallel per `self.ep`. It acts at
+        trace time: open it around the first call (or `.lower`) of a jitted function; a
+        function already traced outside it keeps its unpinned program."""
         token = _ACTIVE.set(self)
         try:
             with ep_scope(self.ep):
@@ -157,10 +159,6 @@ class Layout:
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxmoe_layout",
                                                                         default=None)
-
-
-def active_layout() -> Layout | None:
-    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

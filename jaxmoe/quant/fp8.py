@@ -61,7 +61,7 @@ def scale_blocks(x, scale_inv, block: tuple[int, int], xp=jnp):
     if (Rb * br, Cb * bc) != (R, C):  # ragged edge blocks (kv_a_proj's 576 rows): pad, crop below
         x = xp.pad(x, [(0, 0)] * len(lead) + [(0, Rb * br - R), (0, Cb * bc - C)])
     y = x.reshape(*lead, Rb, br, Cb, bc) * scale_inv[..., :, None, :, None]  # [..., Rb, br, Cb, bc]
-    return y.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C]
+    return y.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C]  # -> [..., Rb*br, Cb*bc], cropped to [..., R, C]
 
 
 def dequantize_blocks(q: jax.Array, scale_inv: jax.Array, block: tuple[int, int]) -> jax.Array:
@@ -108,12 +108,12 @@ def to_layout(w: jax.Array, transform: str, cfg: ModelConfig) -> jax.Array:
         return w
     if transform == "T":
         return jnp.swapaxes(w, -1, -2)
-    if transform == "q_heads":  # [..., N*J, A] -> [..., A, N, J]
-        *lead, NJ, A = w.shape
-        return jnp.moveaxis(w.reshape(*lead, N, NJ // N, A), -1, -3)
+    if transform == "q_heads":  # [..., N*J, X] -> [..., X, N, J] (X: the input, Q or D)
+        *lead, NJ, X = w.shape
+        return jnp.moveaxis(w.reshape(*lead, N, NJ // N, X), -1, -3)  # via [..., N, J, X]
     if transform == "o_heads":  # [..., D, N*G] -> [..., N, G, D]
         *lead, D, NG = w.shape
-        return jnp.moveaxis(w.reshape(*lead, D, N, NG // N), -3, -1)
+        return jnp.moveaxis(w.reshape(*lead, D, N, NG // N), -3, -1)  # via [..., D, N, G]
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -123,12 +123,12 @@ def from_layout(w: jax.Array, transform: str, cfg: ModelConfig) -> jax.Array:
         return w
     if transform == "T":
         return jnp.swapaxes(w, -1, -2)
-    if transform == "q_heads":  # [..., A, N, J] -> [..., N*J, A]
-        *lead, A, N, J = w.shape
-        return jnp.moveaxis(w, -3, -1).reshape(*lead, N * J, A)
+    if transform == "q_heads":  # [..., X, N, J] -> [..., N*J, X]
+        *lead, X, N, J = w.shape
+        return jnp.moveaxis(w, -3, -1).reshape(*lead, N * J, X)  # via [..., N, J, X]
     if transform == "o_heads":  # [..., N, G, D] -> [..., D, N*G]
         *lead, N, G, D = w.shape
-        return jnp.moveaxis(w, -1, -3).reshape(*lead, D, N * G)
+        return jnp.moveaxis(w, -1, -3).reshape(*lead, D, N * G)  # via [..., D, N, G]
     raise ValueError(f"unknown transform {transform!r}")
 
 
@@ -171,11 +171,11 @@ def quantize_blocks(w: jax.Array, block: tuple[int, int] = BLOCK) -> tuple[jax.A
     br, bc = block
     Rb, Cb = scale_shape(w.shape, block)
     p = jnp.pad(w.astype(jnp.float32), [(0, 0)] * len(lead) + [(0, Rb * br - R), (0, Cb * bc - C)])
-    blocks = p.reshape(*lead, Rb, br, Cb, bc)
+    blocks = p.reshape(*lead, Rb, br, Cb, bc)  # [..., Rb*br, Cb*bc] -> [..., Rb, br, Cb, bc]
     amax = jnp.abs(blocks).max(axis=(-3, -1))  # [..., Rb, Cb]
     s = jnp.where(amax > 0, amax / E4M3_MAX, 1.0).astype(jnp.float32)
     q = jnp.clip(blocks / s[..., :, None, :, None], -E4M3_MAX, E4M3_MAX)
-    q = q.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C].astype(E4M3)
+    q = q.reshape(*lead, Rb * br, Cb * bc)[..., :R, :C].astype(E4M3)  # -> [..., Rb*br, Cb*bc] -> [..., R, C]
     return q, s
 
 

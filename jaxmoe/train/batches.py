@@ -29,6 +29,7 @@ def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int) -> dict[str, np.nd
     T1 = seq_len + 1
     starts = rows.astype(np.int64) * seq_len
     idx = starts[:, None] + np.arange(T1)[None, :]  # [R, T1] stream offsets
+    # one gather over the flat offsets [R*T1], back to [R, T1]
     tokens = np.asarray(corpus.tokens[idx.reshape(-1)]).reshape(idx.shape).astype(np.int32)
     doc = np.searchsorted(corpus.doc_starts, idx, side="right") - 1  # [R, T1] global doc index
     segments = (doc - doc[:, :1] + 1).astype(np.int32)  # 1-based within the row

@@ -96,10 +96,8 @@ class Checkpointer:
         return unflatten(abstract_state, got["state"]), dict(got["meta"])
 
     def reached_preemption(self, step: int) -> bool:
-        try:
-            return bool(self.mngr.reached_preemption(step))
-        except Exception:  # no preemption service (single process)
-            return False
+        """Whether JAX's preemption service saw a SIGTERM on any process (multi-host runs)."""
+        return bool(self.mngr.reached_preemption(step))
 
     def wait(self) -> None:
         self.mngr.wait_until_finished()

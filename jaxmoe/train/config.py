@@ -40,7 +40,7 @@ class ModelSection:
     init_from: str = ""                 # HF or converted Orbax folder to fine-tune from
     param_dtype: str = "float32"        # master weights
     dtype: str = "float32"              # matmul compute dtype
-    moe_impl: str = "auto"              # routed-expert dispatch (layers/dispatch.py)
+    moe_impl: str = "auto"              # routed-expert dispatch (kernels/dispatch.py)
     remat: bool = False                 # recompute each layer in the backward pass
     init: str = "auto"                  # random init: host (numpy) | device (jitted) | auto
 

@@ -123,7 +123,7 @@ def _open_memmap(path: str, bin_dtype: str, flag: str = "path") -> np.ndarray:
         except (ValueError, OSError) as e:  # a bad header, pickled objects, truncated data
             raise TrainConfigError(f"{where}: not a readable .npy array ({e})") from None
         if a.ndim != 1:
-            a = a.reshape(-1)
+            a = a.reshape(-1)  # any shape -> one token stream [n]
     else:
         dt = np.dtype(bin_dtype)
         if size % dt.itemsize:

@@ -63,13 +63,6 @@ def nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
     return ((logz - gold) * mask).sum()
 
 
-# --------------------------------------------------------------------------------- MTP
-def mtp_forward(model, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
-                mask: jax.Array) -> tuple[list, list]:
-    """The MTP depths of `DeepseekV3.forward(with_mtp=True)` under the document mask."""
-    return model.mtp_forward(hidden, tokens, positions, mask)
-
-
 # ---------------------------------------------------------------------------- the step
 class StepFns:
     """Builds the jitted train / eval steps for one model graph and one run config."""
@@ -141,7 +134,7 @@ class StepFns:
             ent_sum = out.aux["score_entropy"].sum()             # [L_moe] -> ()
             n_routers = out.aux["score_entropy"].shape[0]
         if self.use_mtp:
-            lgs, mtp_aux = mtp_forward(model, out.hidden, inputs, positions, mask)
+            lgs, mtp_aux = model.mtp_forward(out.hidden, inputs, positions, mask)
             mtp = 0.0
             for k, (lg, a) in enumerate(zip(lgs, mtp_aux), start=1):
                 mtp = mtp + nll_sum(lg, tok[:, k + 1:], target_mask(seg, k)) / denom[k]
@@ -164,7 +157,7 @@ class StepFns:
 
     def denominators(self, seg: jax.Array) -> jax.Array:
         """Global target counts [1 + D]: next token and each MTP depth. seg [A, b, T+1]."""
-        flat = seg.reshape(-1, seg.shape[-1])
+        flat = seg.reshape(-1, seg.shape[-1])  # [A, b, T+1] -> [A*b, T+1]
         D = self.mcfg.num_nextn_predict_layers if self.use_mtp else 0
         return jnp.stack([jnp.maximum(target_mask(flat, k).sum(), 1.0) for k in range(D + 1)])
 
@@ -231,7 +224,7 @@ class StepFns:
     def eval_step(self, state: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
         """(sum of next-token NLL, target count) over a batch [A, b, T+1]."""
         model = self.model_of(state["params"], state["biases"], self.fixed_parts(state))
-        flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
+        flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)  # [A, b, T+1] -> [A*b, T+1]
         tok, seg, pos = flat["tokens"], flat["segments"], flat["positions"]
         out = model.forward(tok[:, :-1], pos[:, :-1], mask=doc_mask(seg[:, :-1], pos[:, :-1]))
         m = target_mask(seg)

@@ -29,7 +29,7 @@ from jaxmoe.train.metrics import log
 from jaxmoe.train.checkpoint import Checkpointer, saved_part
 from jaxmoe.train.config import TrainConfig, TrainConfigError, model_overrides
 from jaxmoe.train.optim import make_optimizer
-from jaxmoe.train.state import abstract_of, attach_lora, host_init, init_state, split_model  # noqa: F401
+from jaxmoe.train.state import abstract_of, init_state
 from jaxmoe.train.step import DETAIL_MAX, StepFns
 from jaxmoe.train.workdir import changed_fields, check_workdir, checkpoint_meta, param_shapes
 

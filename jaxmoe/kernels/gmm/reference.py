@@ -16,7 +16,7 @@ def row_groups(group_rows: jax.Array, num_rows: int) -> jax.Array:
 def gmm(lhs: jax.Array, rhs: jax.Array, group_rows: jax.Array, transpose_rhs: bool = False) -> jax.Array:
     """out[r] = lhs[r] @ rhs[g(r)] (or rhs[g(r)].T): lhs [R, Kd], rhs [E, Kd, N] -> [R, N] in lhs.dtype."""
     oh = row_groups(group_rows, lhs.shape[0])
-    spec = "rk,re,enk->rn" if transpose_rhs else "rk,re,ekn->rn"
+    spec = "WX,WE,EYX->WY" if transpose_rhs else "WX,WE,EXY->WY"
     out = jnp.einsum(spec, lhs.astype(jnp.float32), oh, rhs.astype(jnp.float32))
     return out.astype(lhs.dtype)
 
@@ -24,4 +24,4 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_rows: jax.Array, transpose_rhs: bo
 def tgmm(lhs: jax.Array, dy: jax.Array, group_rows: jax.Array) -> jax.Array:
     """out[e] = lhs[rows of e].T @ dy[rows of e]: lhs [R, Kd], dy [R, N] -> [E, Kd, N] float32."""
     oh = row_groups(group_rows, lhs.shape[0])
-    return jnp.einsum("rk,re,rn->ekn", lhs.astype(jnp.float32), oh, dy.astype(jnp.float32))
+    return jnp.einsum("WX,WE,WY->EXY", lhs.astype(jnp.float32), oh, dy.astype(jnp.float32))

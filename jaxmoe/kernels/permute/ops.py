@@ -44,9 +44,9 @@ def make_plan(experts: jax.Array, num_experts: int, *, align: int = 1, row_multi
     T, K = experts.shape
     n, E = T * K, num_experts
     R = common.round_up(max(n + E * (align - 1), 1), row_multiple)
-    flat = experts.reshape(-1).astype(jnp.int32)
+    flat = experts.reshape(-1).astype(jnp.int32)  # [T, K] -> [T*K]
     if keep is not None:
-        flat = jnp.where(keep.reshape(-1), flat, E)  # dropped pairs sort last and join no group
+        flat = jnp.where(keep.reshape(-1), flat, E)  # keep [T, K] -> [T*K]; dropped pairs sort last, in no group
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted slot -> pair
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     rows = (sizes + align - 1) // align * align
@@ -57,7 +57,7 @@ def make_plan(experts: jax.Array, num_experts: int, *, align: int = 1, row_multi
     pos = jnp.zeros((n,), jnp.int32).at[order].set(dest.astype(jnp.int32))
     row_pair = jnp.full((R,), -1, jnp.int32).at[jnp.where(se < E, dest, R)].set(order, mode="drop")
     keepf = (jnp.ones((T, K), jnp.float32) if keep is None else keep.astype(jnp.float32))
-    return Plan(pos.reshape(T, K), keepf, row_pair, sizes, rows.astype(jnp.int32))
+    return Plan(pos.reshape(T, K), keepf, row_pair, sizes, rows.astype(jnp.int32))  # pos [T*K] -> [T, K]
 
 
 def row_token(plan: Plan, k: int) -> jax.Array:
@@ -188,7 +188,7 @@ def _ops(platform: str, interpret: bool):
     def combine_bwd(res, dout):
         ys, w, plan = res
         K = plan.pos.shape[1]
-        wk = (w * plan.keep).reshape(-1)
+        wk = (w * plan.keep).reshape(-1)  # [T, K] -> [T*K], indexed by row_pair
         row_w = jnp.where(plan.row_pair >= 0, wk[jnp.maximum(plan.row_pair, 0)], 0.0)
         dys = gather_rows(dout.astype(ys.dtype), row_token(plan, K), row_w, **kw)
         dw = combine_dw(dout, ys, plan.pos, **kw) * plan.keep

@@ -16,9 +16,9 @@ def gather_rows(x: jax.Array, idx: jax.Array, scale: jax.Array | None = None) ->
 def combine(y: jax.Array, pos: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """out[t] = sum_k w[t, k] * y[pos[t, k]] in float32. y [R, D], pos/w [T, K] -> [T, D]."""
     g = y[pos].astype(jnp.float32)  # [T, K, D]
-    return jnp.einsum("tkd,tk->td", g, w.astype(jnp.float32)).astype(out_dtype or y.dtype)
+    return jnp.einsum("MKD,MK->MD", g, w.astype(jnp.float32)).astype(out_dtype or y.dtype)
 
 
 def combine_dw(dout: jax.Array, y: jax.Array, pos: jax.Array) -> jax.Array:
     """dw[t, k] = <dout[t], y[pos[t, k]]> in float32 -> [T, K]."""
-    return jnp.einsum("td,tkd->tk", dout.astype(jnp.float32), y[pos].astype(jnp.float32))
+    return jnp.einsum("MD,MKD->MK", dout.astype(jnp.float32), y[pos].astype(jnp.float32))

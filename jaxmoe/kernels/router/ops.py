@@ -1,4 +1,5 @@
-"""Fused router: jitted wrapper around the Pallas kernel, with a custom VJP.
+"""Fused router: the Pallas kernel's launch in a `jax.custom_vjp` (cached per spec, platform, interpret
+and block sizes; no jit of its own: it is traced inside the caller's).
 
     w, ids, scores = route(logits, bias, spec)   # [T, K] f32, [T, K] int32, [T, E] f32
 

@@ -76,7 +76,7 @@ def route(logits: jax.Array, bias: jax.Array | None, spec: RouterSpec):
             group_score = grouped.max(-1)
         _, keep = jax.lax.top_k(group_score, spec.topk_group)  # [T, topk_group]
         mask = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], keep].set(True)
-        sel = jnp.where(mask[:, :, None], grouped, -jnp.inf).reshape(T, E)
+        sel = jnp.where(mask[:, :, None], grouped, -jnp.inf).reshape(T, E)  # [T, G, E/G] -> [T, E]
     _, ids = jax.lax.top_k(sel, spec.top_k)
     ids = ids.astype(jnp.int32)
     w, _ = weights_from_ids(logits, ids, spec)
