@@ -1,7 +1,7 @@
 """Gradient parity with transformers: d(mean next-token CE)/d(every parameter), mapped back to the
 published names ([out, in] layout) by jaxmoe.hf_io.state_to_hf, against oracle.hf_loss_and_grads.
 
-Per published name: max|ours - hf| / max|hf| <= 1e-4; where transformers' gradient is all zero (an expert
+Per published name: max|ours - hf| / max|hf| <= 1e-5 (measured <= 2.5e-6); where transformers' gradient is all zero (an expert
 no token was routed to) ours must be too (max|.| <= 1e-8). Loss values equal within 1e-6 relative.
 The MoE dispatch is the CPU default (segment, custom VJP) for v3 and v2, ragged_dot (JAX's transpose
 rule; the accelerator default) for v3_no_qlora.
@@ -17,7 +17,7 @@ import oracle
 import parity_util as pu
 from jaxmoe.hf_io import state_to_hf
 
-GRAD_TOL = 1e-4
+GRAD_TOL = 1e-5
 ZERO_TOL = 1e-8
 LOSS_TOL = 1e-6
 CASES = [("v3", "auto"), ("v2", "auto"), ("v3_no_qlora", "ragged_dot")]

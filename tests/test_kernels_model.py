@@ -75,12 +75,14 @@ def test_pallas_model_gradients_match_reference(v3, monkeypatch):
     toks = v3[0]
     loss_ref, g_ref = _grads(pu.load(pu.saved("v3"), moe_impl="dense"), toks)
     monkeypatch.setattr(router_mod, "route", _kernel_route)
+    n = len(KERNEL_ROUTE_CALLS)
     loss, g = _grads(pu.load(pu.saved("v3"), moe_impl="pallas"), toks)
+    assert len(KERNEL_ROUTE_CALLS) > n  # the kernel router was traced
     assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)
     flat, flat_ref = jax.tree.leaves_with_path(g), dict(jax.tree.leaves_with_path(g_ref))
     assert len(flat) == len(flat_ref)
     for path, a in flat:
-        pu.assert_rel(a, flat_ref[path], 1e-4, jax.tree_util.keystr(path))
+        pu.assert_rel(a, flat_ref[path], 1e-5, jax.tree_util.keystr(path))
 
 
 def test_capacity_mode_model(v3):

@@ -1,4 +1,10 @@
-"""Self-tests of the test harness (oracle.py, reference.py): pure torch/numpy, no jax."""
+"""Self-tests of the test harness (oracle.py, reference.py): pure torch/numpy, no jax (apart from
+the bench-config checks, which also build jaxmoe's ModelConfig from the same file)."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,9 +214,51 @@ def test_mtp_ref_shape_and_causality():
     assert np.abs(logits2[:, -1] - logits[:, -1]).max() > 0
 
 
-def test_bench_configs():
-    if oracle.SHARED_BENCH_CONFIGS.is_file():  # the repository's copy must not drift from it
-        assert oracle.SHARED_BENCH_CONFIGS.read_bytes() == oracle.REPO_BENCH_CONFIGS.read_bytes()
-    assert oracle.CONFIGS["bench-tiny"]["hidden_size"] == 64
-    cfg = oracle.make_config("bench-small")
-    assert cfg.n_routed_experts == 32 and cfg.model_type == "deepseek_v3"
+def test_repo_bench_configs_build_equal_transformers_and_jaxmoe_models():
+    """bench/bench_configs.json (the repository's copy, always present) describes the same model
+    to transformers, to jaxmoe and to the `bench-small` training run."""
+    from jaxmoe.config import ModelConfig
+    from jaxmoe.train.runs import get_run
+    from jaxmoe.train.trainer import resolve_model_config
+
+    data = json.loads(oracle.REPO_BENCH_CONFIGS.read_text())
+    assert set(data["configs"]) == {"bench-tiny", "bench-small"}
+    assert (data["batch"], data["seq"], data["dtype"]) == (8, 256, "float32")
+    # not model fields: transformers' `dtype` is its weights' torch dtype (None here);
+    # num_nextn_predict_layers defaults to 1 in DeepseekV3Config, which builds no MTP module;
+    # jaxmoe reads the absent field as 0 (the model transformers runs)
+    skip = {"dtype", "num_nextn_predict_layers"}
+    for name, kw in data["configs"].items():
+        hf = oracle.make_config({"arch": "v3", **kw})  # transformers DeepseekV3Config
+        assert hf.model_type == "deepseek_v3"
+        for k, v in kw.items():  # transformers keeps every field as written
+            assert getattr(hf, k) == v, (name, k)
+        mine = ModelConfig.from_hf_config(kw, source=f"{oracle.REPO_BENCH_CONFIGS}[{name}]")
+        shared = [f.name for f in dataclasses.fields(ModelConfig)
+                  if hasattr(hf, f.name) and f.name not in skip]
+        assert len(shared) >= 25, shared  # the whole architecture, not a handful of fields
+        for f in shared:
+            assert getattr(mine, f) == getattr(hf, f), (name, f, getattr(mine, f), getattr(hf, f))
+        assert (mine.rope_type, mine.rope_theta) == (hf.rope_parameters["rope_type"],
+                                                     hf.rope_parameters["rope_theta"]), name
+        assert (mine.scoring_func, mine.topk_method) == ("sigmoid", "noaux_tc")  # V3's router
+        assert mine.num_nextn_predict_layers == 0
+        assert oracle.CONFIGS[name]["hidden_size"] == kw["hidden_size"]  # loaded by the oracle
+    assert oracle.make_config("bench-small").n_routed_experts == 32
+    # the `bench-small` run (jaxmoe/train/runs.py spells the shape out) trains this model
+    small = ModelConfig.from_hf_config(data["configs"]["bench-small"])
+    assert resolve_model_config(get_run("bench-small")) == small
+
+
+def test_oracle_bench_configs_are_the_repo_copy():
+    """The file the oracle loads: $JAXMOE_BENCH_CONFIGS, else ../shared/bench/bench_configs.json
+    when present, which must then be byte-identical to the repository's copy (no drift), else
+    the repository's copy itself. Either way every loaded config is the repository copy's."""
+    repo, shared = oracle.REPO_BENCH_CONFIGS, oracle.SHARED_BENCH_CONFIGS
+    env = os.environ.get("JAXMOE_BENCH_CONFIGS")
+    used = oracle.bench_configs_path()
+    assert used == (Path(env) if env else shared if shared.is_file() else repo)
+    assert used.read_bytes() == repo.read_bytes(), f"{used} and {repo} differ"
+    configs = json.loads(repo.read_text())["configs"]
+    for name, kw in configs.items():
+        assert oracle.CONFIGS[name] == {"arch": "v3", **kw}, name

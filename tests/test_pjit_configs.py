@@ -132,3 +132,76 @@ def test_trainer_mesh_flag_errors_name_preset_and_devices():
     cfg = parse_args(["--config", "tiny-debug", "--mesh.name", "cpu-8", "--data.batch_size", "6"])
     with pytest.raises(TrainConfigError, match="do not divide over 4 data shards"):
         trainer.prepare(cfg)
+
+
+# DeepSeek-V3 671B tensors (config: 58 MoE layers, 256 experts, D 7168, moe F 2048, V 129280,
+# Q 1536, C 512, 128 heads, J 192, I 256, G 128): shape and logical axes as the names say.
+V3 = {
+    "moe_layers.ffn.w_gate_EDF": ((58, 256, 7168, 2048),
+                                  (A.LAYERS, A.EXPERT, A.EMBED, A.EXPERT_MLP)),
+    "moe_layers.ffn.w_down_EFD": ((58, 256, 2048, 7168),
+                                  (A.LAYERS, A.EXPERT, A.EXPERT_MLP, A.EMBED)),
+    "embed_VD": ((129280, 7168), (A.VOCAB, A.EMBED)),
+    "lm_head_DV": ((7168, 129280), (A.EMBED, A.VOCAB)),
+    "moe_layers.attn.wq_b_QNJ": ((58, 1536, 128, 192), (A.LAYERS, A.Q_LORA, A.HEADS, A.HEAD_DIM)),
+    "moe_layers.attn.wkv_b_CNI": ((58, 512, 128, 256), (A.LAYERS, A.KV_LORA, A.HEADS, A.HEAD_DIM)),
+    "moe_layers.attn.wo_NGD": ((58, 128, 128, 7168), (A.LAYERS, A.HEADS, A.HEAD_DIM, A.EMBED)),
+}
+
+
+def hand_specs(dense, experts, expert_embed):
+    """The specs of V3's tensors, written out from the presets.py rules: `embed` and the q/kv
+    LoRA ranks take `dense` (FSDP), the expert axis `experts`, and an expert stack's embed only
+    what of `dense` the expert axis left (`expert_embed`); layers and head_dim are never split,
+    heads / vocab / expert_mlp go to `tensor`, which is 1 on every large preset (so dropped)."""
+    return {
+        "moe_layers.ffn.w_gate_EDF": P(None, experts, expert_embed),
+        "moe_layers.ffn.w_down_EFD": P(None, experts, None, expert_embed),
+        "embed_VD": P(None, dense),
+        "lm_head_DV": P(dense),
+        "moe_layers.attn.wq_b_QNJ": P(None, dense),
+        "moe_layers.attn.wkv_b_CNI": P(None, dense),
+        "moe_layers.attn.wo_NGD": P(None, None, None, dense),
+    }
+
+
+# By hand, for each large preset. Every count divides: 7168, 1536 and 512 by the FSDP product
+# (128, 512, 256, 8, 256), 256 experts by the expert axis (64, 256, 16, 8, 256), 7168 by fsdp.
+# TPU slices (SLICE): embed -> (fsdp, expert); experts -> expert, so their embed keeps fsdp;
+# dcn (v6e-256x2) is batch-only. One GPU node: fsdp is 1, so embed keeps expert alone and an
+# expert stack's embed nothing. GPU clusters (CLUSTER): embed -> (dcn, fsdp, expert) = (dcn,
+# expert), experts -> (dcn, expert), which leaves an expert stack's embed nothing.
+TPU = hand_specs(("fsdp", "expert"), "expert", "fsdp")
+GPU_NODE = hand_specs("expert", "expert", None)
+GPU_CLUSTER = hand_specs(("dcn", "expert"), ("dcn", "expert"), None)
+HAND = {"v5p-256": TPU, "v5p-1024": TPU, "v6e-256": TPU, "v6e-256x2": TPU,
+        "h100-8": GPU_NODE, "h200-8": GPU_NODE, "h100-32x8": GPU_CLUSTER,
+        "h200-32x8": GPU_CLUSTER}
+
+
+def _trim(spec) -> tuple:
+    """A PartitionSpec as a tuple without trailing Nones (P(None, 'x') == P(None, 'x', None))."""
+    t = tuple(spec)
+    while t and t[-1] is None:
+        t = t[:-1]
+    return t
+
+
+def test_large_presets_shard_v3_as_derived_by_hand():
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+
+    from jaxmoe.parallel.sharding import Layout, logical_axes_of, path_str
+
+    assert set(HAND) == {n for n in golden.preset_names() if not n.startswith("cpu-")}
+    state = golden.abstract_params("deepseek_v3_671b")
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(state)}
+    for key, (shape, logical) in V3.items():
+        assert (tuple(flat[key].get_value().shape), logical_axes_of(flat[key])) == (shape, logical)
+    for name, want in HAND.items():
+        p = pjit_configs.get(name)
+        # the trainer's path (Layout.specs) on an abstract mesh of the preset's shape
+        specs = Layout(AbstractMesh(p.shape, pjit_configs.MESH_AXES), p.rules).specs(state)
+        got = {path_str(k): v.get_value() for k, v in nnx.to_flat_state(specs)}
+        for key, spec in want.items():
+            assert _trim(got[key]) == _trim(spec), (name, key, got[key], spec)
