@@ -46,7 +46,7 @@ def lora_cases(kw: dict, B: int, T: int, log):
     from jaxmoe.train.config import LossSection, OptimSection
     from jaxmoe.train.optim import make_optimizer
     from jaxmoe.train.step import StepFns
-    from jaxmoe.train.trainer import host_init, split_model
+    from jaxmoe.train.state import host_init, split_model
 
     mcfg = jaxmoe.ModelConfig.from_hf_config(kw, num_nextn_predict_layers=0)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))

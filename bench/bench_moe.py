@@ -27,20 +27,19 @@ import datetime
 import json
 import os
 import platform
-import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 import jaxmoe  # noqa: E402
-from jaxmoe.kernels import segment  # noqa: E402
+from _common import jit_case  # noqa: E402
+from jaxmoe.kernels import dispatch, segment  # noqa: E402
 from jaxmoe.kernels.permute import ops as perm_ops  # noqa: E402
-from jaxmoe.layers import dispatch  # noqa: E402
 from jaxmoe.layers.router import route  # noqa: E402
 
 SECTION = "## MoE kernels"
@@ -105,26 +104,6 @@ def flops_table(p, T, D, F, E, K):
 
 
 # ------------------------------------------------------------------------------------------------ timing
-class Case:
-    def __init__(self, name, fn, args):
-        self.name, self.fn, self.args = name, fn, args
-        self.wall, self.cpu = [], []
-        t0 = time.perf_counter()
-        self.compiled = jax.jit(fn).lower(*args).compile()
-        self.compile_s = time.perf_counter() - t0
-        jax.block_until_ready(self.compiled(*args))
-
-    def run(self):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(self.compiled(*self.args))
-        self.wall.append(time.perf_counter() - t0)
-        self.cpu.append(time.process_time() - c0)
-
-    @property
-    def med(self):
-        return statistics.median(self.wall), statistics.median(self.cpu)
-
-
 def grad_of(f, n):
     return jax.grad(lambda *a: 0.5 * jnp.sum(jnp.square(f(*a))), argnums=tuple(range(n)))
 
@@ -140,21 +119,19 @@ def time_cases(cfg, p, rounds, caps):
         r = route(x @ router, jnp.zeros((router.shape[1],)), cfg)
         return dispatch.experts_swiglu(x, r.weights, r.experts, a, b, c, "segment")
 
-    cases = [Case("dense SwiGLU fwd", swiglu, dense_args),
-             Case("dense SwiGLU fwd+bwd", grad_of(swiglu, 4), dense_args)]
+    cases = [jit_case("dense SwiGLU fwd", swiglu, dense_args),
+             jit_case("dense SwiGLU fwd+bwd", grad_of(swiglu, 4), dense_args)]
     for cap in caps:
         tag = f"segment cap={cap}" if cap else "segment"
         f = seg(cap)
-        cases.append(Case(f"{tag} fwd", f, (p["x"], w, e, p["wg"], p["wu"], p["wd"])))
+        cases.append(jit_case(f"{tag} fwd", f, (p["x"], w, e, p["wg"], p["wu"], p["wd"])))
         g = jax.grad(lambda x, wts, ex, a, b, c, f=f: 0.5 * jnp.sum(jnp.square(f(x, wts, ex, a, b, c))),
                      argnums=(0, 1, 3, 4, 5))
-        cases.append(Case(f"{tag} fwd+bwd", g, (p["x"], w, e, p["wg"], p["wu"], p["wd"])))
-    cases.append(Case("MoE layer fwd (router + segment)", layer, (p["x"], p["router"], w, p["wg"], p["wu"], p["wd"])))
-    log("  compiled: " + ", ".join(f"{c.name} {c.compile_s:.1f}s" for c in cases))
-    for i in range(rounds):
-        for c in cases:
-            c.run()
-        log(f"  round {i + 1}/{rounds}")
+        cases.append(jit_case(f"{tag} fwd+bwd", g, (p["x"], w, e, p["wg"], p["wu"], p["wd"])))
+    cases.append(jit_case("MoE layer fwd (router + segment)", layer,
+                          (p["x"], p["router"], w, p["wg"], p["wu"], p["wd"])))
+    log("  compiled: " + ", ".join(f"{c.key} {c.warm_s:.1f}s" for c in cases))
+    _common.run_rounds(cases, rounds, log)
     return cases
 
 
@@ -219,15 +196,6 @@ NOTES = """Notes (from profiling the segment path on this machine, bench/bench_m
   dry-run on the CPU (`GPU_CHECK_SMOKE=1`, interpret mode, tiny sizes)."""
 
 
-def write_section(path, text):
-    old = open(path).read() if os.path.exists(path) else ""
-    m = re.search(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
-    new = old[:m.start()] + text + ("\n" if old[m.end():] else "") + old[m.end():] if m else \
-        (old.rstrip("\n") + "\n\n" if old else "") + text
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="2048,8192", help="comma-separated token counts T")
@@ -254,7 +222,7 @@ def main():
         flops, info = flops_table(p, T, args.hidden, args.inter, args.experts, args.topk)
         log("  flops/ideal: " + ", ".join(f"{k} {v:.3f}" for k, v in flops.items()))
         cases = time_cases(cfg, p, args.rounds, caps)
-        times = {c.name: (*c.med, c.compile_s) for c in cases}
+        times = {c.key: (c.med, c.cpu_med, c.warm_s) for c in cases}
         for name, (wm, cm, _) in times.items():
             log(f"  {name:36s} wall {wm * 1e3:8.1f} ms  cpu {cm * 1e3:8.1f} ms")
         results.append(dict(T=T, flops=flops, info=info, times=times))
@@ -262,7 +230,7 @@ def main():
     text = section(results, args)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        _common.write_section(args.out, text, SECTION)  # from the heading to the next section
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": args.argv, "rounds": args.rounds, "results": results}, f, indent=1, default=float)

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -35,43 +34,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+from _common import Case  # noqa: E402
 CONFIGS = _common.CONFIGS
 
 MARK_BEGIN, MARK_END = "<!-- bench_train:begin -->", "<!-- bench_train:end -->"
 MM_N = 2048
 CEILING = "the step's GEMMs alone (ceiling)"
-
-
-def cpu_model() -> str:
-    return _common.cpu_model()
-
-
-class Case:
-    def __init__(self, key, fn, flops=0.0, tokens=0, timed=False):
-        """timed: fn measures itself and returns its time (the GEMM ceiling)."""
-        self.key, self.fn, self.flops, self.tokens, self.timed = key, fn, flops, tokens, timed
-        self.times: list[float] = []
-        self.warm = 0.0
-
-    @property
-    def med(self):
-        return statistics.median(self.times)
-
-
-def rounds(cases, n, log, back_to_back: int = 1):
-    """n interleaved rounds; in each, every case runs `back_to_back` times in a row and the last
-    run is timed (training runs steps back to back; the first step after the other framework's
-    pays for re-faulting its buffers)."""
-    import gc
-    for r in range(n):
-        for c in cases:
-            gc.collect()
-            for _ in range(0 if c.timed else back_to_back - 1):
-                c.fn()
-            t = time.perf_counter()
-            took = c.fn()
-            c.times.append(took if c.timed else time.perf_counter() - t)
-        log(f"  round {r + 1}/{n}: " + ", ".join(f"{c.key}={c.times[-1]:.3f}s" for c in cases))
 
 
 def jax_case(mcfg, folder, B, T, impl, remat, log):
@@ -86,7 +54,7 @@ def jax_case(mcfg, folder, B, T, impl, remat, log):
     from jaxmoe.train.config import LossSection, OptimSection
     from jaxmoe.train.optim import make_optimizer
     from jaxmoe.train.step import StepFns
-    from jaxmoe.train.trainer import host_init, split_model
+    from jaxmoe.train.state import host_init, split_model
     from flax import nnx
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -137,9 +105,9 @@ def jax_case(mcfg, folder, B, T, impl, remat, log):
 
     flops = M.train_flops_per_token(mcfg, T, False) * B * T
     from jaxmoe.layers.moe import resolve_impl
-    c = Case(f"jaxmoe trainer step ({resolve_impl(mcfg.moe_impl)})", fn, flops, B * T)
-    c.warm = warm
-    c.optimizer_alone = optimizer_alone
+    c = Case(f"jaxmoe trainer step ({resolve_impl(mcfg.moe_impl)})", fn, B * T, flops)
+    c.warm_s = warm
+    c.meta["optimizer_alone"] = optimizer_alone
     t = time.perf_counter()
     loss0 = fn()
     log(f"  {c.key}: compile {warm:.1f}s, first step {time.perf_counter() - t:.2f}s, loss {loss0:.4f}")
@@ -170,11 +138,11 @@ def torch_case(folder, B, T, flops, threads, log):
         opt.step()
         return float(loss)
 
-    c = Case("transformers sdpa/grouped_mm", fn, flops, B * T)
+    c = Case("transformers sdpa/grouped_mm", fn, B * T, flops)
     t = time.perf_counter()
     loss0 = fn()
-    c.warm = time.perf_counter() - t
-    log(f"  {c.key}: first step {c.warm:.2f}s, loss {loss0:.4f}")
+    c.warm_s = time.perf_counter() - t
+    log(f"  {c.key}: first step {c.warm_s:.2f}s, loss {loss0:.4f}")
     return c
 
 
@@ -185,11 +153,11 @@ def matmul_cases(with_torch: bool):
     a = np.random.RandomState(0).standard_normal((MM_N, MM_N)).astype(np.float32)
     ja = jnp.asarray(a)
     f = jax.jit(jnp.dot).lower(ja, ja).compile()
-    out = [Case("matmul jax", lambda: f(ja, ja).block_until_ready(), 2.0 * MM_N ** 3)]
+    out = [Case("matmul jax", lambda: f(ja, ja).block_until_ready(), flops=2.0 * MM_N ** 3)]
     if with_torch:
         import torch
         ta, o = torch.from_numpy(a), torch.empty(MM_N, MM_N)
-        out.append(Case("matmul torch", lambda: torch.mm(ta, ta, out=o), 2.0 * MM_N ** 3))
+        out.append(Case("matmul torch", lambda: torch.mm(ta, ta, out=o), flops=2.0 * MM_N ** 3))
     for c in out:
         c.fn()
     return out
@@ -269,10 +237,6 @@ def render(res: dict) -> str:
     return "\n".join(L)
 
 
-def write_section(path: str, text: str) -> None:
-    _common.write_section(path, text, MARK_BEGIN, MARK_END)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="bench-small", help="name in --configs (CPU comparison)")
@@ -331,7 +295,7 @@ def main(argv=None) -> int:
             hf.save_pretrained(folder)
             del hf
     dev = jax.devices()[0]
-    device = (f"{cpu_model()}, {os.cpu_count()} CPUs" if dev.platform == "cpu"
+    device = (f"{_common.cpu_model()}, {os.cpu_count()} CPUs" if dev.platform == "cpu"
               else f"{len(jax.devices())} x {dev.device_kind}")
     log(f"{name}: B={B} T={T} dtype={args.dtype} on {device}")
     cases = []
@@ -342,14 +306,16 @@ def main(argv=None) -> int:
     ceiling = None
     if dev.platform == "cpu":
         import gemm_ceiling
-        ceiling = gemm_ceiling.Ceiling(mcfg, B, T, extra={"AdamW + clipping": jc.optimizer_alone})
+        ceiling = gemm_ceiling.Ceiling(mcfg, B, T, extra={"AdamW + clipping": jc.meta["optimizer_alone"]})
         if abs(ceiling.flops() - jc.flops) > 1e-3 * jc.flops:
             raise SystemExit(f"gemm_ceiling lists {ceiling.flops():.4g} FLOPs, the MFU count is "
                              f"{jc.flops:.4g}: the GEMM list no longer matches the model")
         mm = matmul_cases(with_torch)
-        cases = [Case(CEILING, ceiling, jc.flops, B * T, timed=True)] + mm + cases
+        cases = [Case(CEILING, ceiling, B * T, jc.flops, timed=True)] + mm + cases
+    for c in cases:  # the ceiling times itself, once per round
+        c.back_to_back = args.back_to_back
     log(f"{args.repeats} rounds")
-    rounds(cases, args.repeats, log, args.back_to_back)
+    _common.run_rounds(cases, args.repeats, log)
     if dev.platform == "cpu":
         best = max((c for c in cases if c.key.startswith("matmul")), key=lambda c: c.flops / c.med)
         peak = {"what": f"measured {best.key} {MM_N}^3 f32 (best of jax/torch)",
@@ -371,11 +337,11 @@ def main(argv=None) -> int:
            "ceiling_breakdown": ceiling.breakdown() if ceiling else None,
            "ceiling_best": ceiling.best() if ceiling else None,
            "cases": {c.key: {"med": c.med, "times": c.times, "flops": c.flops, "tokens": c.tokens,
-                             "warm": c.warm} for c in cases}}
+                             "warm": c.warm_s} for c in cases}}
     text = render(res)
     print("\n" + text)
     if args.out:
-        write_section(args.out, text)
+        _common.write_section(args.out, text, MARK_BEGIN, MARK_END)
         log(f"wrote {args.out}")
     if args.json:
         with open(args.json, "w") as f:

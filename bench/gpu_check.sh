@@ -32,12 +32,11 @@ if not SMOKE and jax.default_backend() != "gpu":
     sys.exit("MISMATCH: no GPU backend (set GPU_CHECK_SMOKE=1 for a CPU dry run)")
 
 import jaxmoe  # noqa: E402
-from jaxmoe.kernels import resolve  # noqa: E402
+from jaxmoe.kernels import dispatch, resolve  # noqa: E402
 from jaxmoe.kernels.gmm import ops as gmm_ops, reference as gmm_ref  # noqa: E402
 from jaxmoe.kernels.permute import ops as perm_ops, reference as perm_ref  # noqa: E402
 from jaxmoe.kernels.router import ops as router_ops  # noqa: E402
 from jaxmoe.kernels.router.reference import RouterSpec  # noqa: E402
-from jaxmoe.layers import dispatch  # noqa: E402
 from jaxmoe.layers.router import route as core_route  # noqa: E402
 
 PLATFORM, INTERPRET = resolve(None, None)
