@@ -15,10 +15,12 @@ from jaxmoe.quant.fp8 import dequantize_rows, scale_shape  # noqa: F401  (the co
 from jaxmoe.safetensors_io import CheckpointError
 
 
-def check_finite(a: np.ndarray, name: str) -> None:
+def check_finite(a: np.ndarray, name: str, row0: int = 0) -> None:
+    """`a`: rows [row0, row0 + len(a)) of tensor `name` (the error names the tensor's own index)."""
     if a.dtype.kind != "f" and "float" not in a.dtype.name:
         return
     bad = np.argwhere(~np.isfinite(np.asarray(a, np.float32)))  # bf16: via float32
     if bad.size:
         idx = tuple(int(i) for i in bad[0])
-        raise CheckpointError(f"tensor {name!r}: {a[idx]} at {list(idx)}; expected finite values")
+        where = [idx[0] + row0, *idx[1:]]
+        raise CheckpointError(f"tensor {name!r}: {a[idx]} at {where}; expected finite values")

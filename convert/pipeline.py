@@ -74,7 +74,7 @@ def _check_source(x: np.ndarray, s: np.ndarray | None, slab: Slab, block) -> Non
         if _has_special(x):
             fp8.dequantize_rows(x, s, slab.rows[0] if slab.rows else 0, block, np.float32, name)
     elif _has_special(x):
-        fp8.check_finite(x, name)
+        fp8.check_finite(x, name, slab.rows[0] if slab.rows else 0)
 
 
 # ------------------------------------------------------------------------------- kernels

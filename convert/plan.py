@@ -154,12 +154,14 @@ def build_plan(src: Source, dtype: str | None = None, mtp="auto",
             if rows is not None:
                 tail = ((slice(r0, r1), slice(None)) if e.transform == "copy"
                         else (slice(None), slice(r0, r1)))
-            frac = (r1 - r0) / hs[0] if hs[0] else 1.0
+            # a row block's share of the source bytes (whole rows: exact integers)
+            src_bytes = (src.nbytes(e.hf_name) // hs[0] * (r1 - r0) if hs[0] else
+                         src.nbytes(e.hf_name)) if present else 0
             n = (r1 - r0) * math.prod(hs[1:])
             slabs.append(Slab(
                 e.hf_name + ("" if rows is None else f"@{r0}:{r1}"), e, name, rows, hs,
                 tuple(e.index) + tail, e.hf_name + SCALE_SUFFIX if fp8 else None,
-                int(src.nbytes(e.hf_name) * frac) if present else 0, n * itemsize))
+                src_bytes, n * itemsize))
 
     def tensor(s: Slab) -> str:
         return s.scale if s.kind == "fp8_scale" else s.entry.hf_name

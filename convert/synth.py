@@ -5,12 +5,18 @@ with float32 `weight_scale_inv` [ceil(M/128), ceil(N/128)] (ragged edge blocks z
 the scale, then cropped, as README_WEIGHTS describes), bf16 embeddings / norms / router / MTP
 extras, float32 router bias; sharded with model.safetensors.index.json and a
 `quantization_config` in config.json (dsv3-spec §6-§7).
+
+`write_sparse_checkpoint` writes the same layout with real headers but every data region left
+as a hole, so the full 671B inventory (641 GiB) takes almost no disk: the converter's planning
+and validation can run at the real scale, and holes read as zeros.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from typing import Callable, Mapping
 
 import ml_dtypes
@@ -20,6 +26,7 @@ from flax import nnx
 from jaxmoe import hf_mapping
 from jaxmoe.config import ModelConfig
 from jaxmoe.hf_io import SCALE_SUFFIX, abstract_model
+from jaxmoe.safetensors_io import NAMES
 
 from convert.export import ShardedWriter
 from convert.fp8 import scale_shape
@@ -29,6 +36,8 @@ E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                 "weight_block_size": [128, 128]}
+# Greedy grouping of the 671B inventory at this size gives 163 shards, like the release.
+RELEASE_SHARD_BYTES = 4_250_000_000
 
 
 def quantize_fp8(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +114,39 @@ def write_checkpoint(path, cfg: ModelConfig, *, fp8: bool = True, dtype=BF16,
     if fp8:
         config["quantization_config"] = dict(QUANT_CONFIG)
     config.update(extra_config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return os.fspath(path)
+
+
+def write_sparse_checkpoint(path, cfg: ModelConfig, config: dict, *, fp8: bool = True,
+                            max_shard_bytes: int = RELEASE_SHARD_BYTES) -> str:
+    """Like `write_checkpoint`, but only the headers are written: each shard is extended to its
+    full size with `truncate`, so its data regions are holes that read as zeros and take no disk
+    blocks (on file systems with sparse files). Shards are named like the release,
+    model-00001-of-000163.safetensors; `config` is written as config.json as given."""
+    os.makedirs(path, exist_ok=True)
+    groups = ShardedWriter(os.fspath(path), tensor_specs(cfg, fp8), max_shard_bytes).groups
+    files = [f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors" for i in range(len(groups))]
+    total = 0
+    for fname, group in zip(files, groups):
+        header, off = {}, 0
+        for name, dt, shape in group:
+            n = math.prod(shape) * dt.itemsize
+            header[name] = {"dtype": NAMES[dt], "shape": list(shape),
+                            "data_offsets": [off, off + n]}
+            off += n
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(os.path.join(path, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.truncate(8 + len(blob) + off)  # the data: one hole
+        total += off
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: f for f, g in zip(files, groups) for n, _, _ in g}}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return os.fspath(path)
