@@ -140,6 +140,12 @@ CONFIGS: dict[str, dict] = _Configs(
     v3_no_norm=_v3(norm_topk_prob=False),
     v2=_v2(),
     v2_greedy=_v2(topk_method="greedy", q_lora_rank=None, n_group=1, topk_group=1, routed_scaling_factor=1.0),
+    # V2 under YaRN (HF DeepseekV2: complex-exponential RoPE times attention_factor, softmax scale with mscale^2).
+    # Rope dim 12, L0 = 32: low=0, high=2 -> pair 1 half-ramped (0.5), pairs 2..5 divided by `factor`.
+    # mscale != mscale_all_dim: cos/sin x m(6, 0.9)/m(6, 0.707) = 1.03069, softmax scale x m(6, 0.707)^2 = 1.26940.
+    v2_yarn=_v2(hidden_size=60, num_attention_heads=5, num_key_value_heads=5, qk_nope_head_dim=10,
+                qk_rope_head_dim=12, v_head_dim=9, rope_parameters=_yarn(6.0, 32, 0.9, 0.707),
+                max_position_embeddings=192),
 )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
+import reference as spec  # tests/reference.py: float64 functions written from dsv3-spec
 from jaxmoe.kernels import dispatch, segment
 from jaxmoe.kernels.gmm import ops as gmm_ops
 from jaxmoe.kernels.gmm import reference as gmm_ref
@@ -104,6 +105,35 @@ def test_router_tpu_body_matches():
     (w, ids, s), (wc, idc, sc), _, _ = _router_both(jnp.asarray(logits), jnp.asarray(bias), cfg, "tpu", False)
     np.testing.assert_array_equal(ids, idc)
     np.testing.assert_allclose(w, wc, rtol=1e-6, atol=1e-7)
+
+
+MASK_CASES = {"e6_g3": (19, 6, 3, 2, 3), "v3_e256_g8": (21, 256, 8, 4, 8)}  # name: (T, E, n_group, topk_group, K)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("name", list(MASK_CASES))
+def test_router_group_mask_is_minus_inf(name, platform):
+    """dsv3-spec §9.5: dropped groups are masked with -inf (official), not 0.0 (HF, old remote code). Every
+    biased score s + b lies in (-3, -1), so 0.0-masking would pick experts of the dropped groups."""
+    T, E, G, tg, K = MASK_CASES[name]
+    cfg = jaxmoe.tiny(n_routed_experts=E, n_group=G, topk_group=tg, num_experts_per_tok=K, topk_method="noaux_tc",
+                      scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
+    rng = _rng("mask_" + name)
+    logits = rng.standard_normal((T, E)).astype(np.float32)
+    bias = (-2.0 - rng.random(E)).astype(np.float32)
+    (w, ids, s), (wc, idc, sc), g, gc = _router_both(jnp.asarray(logits), jnp.asarray(bias), cfg, platform, True)
+    kw = dict(score_func="sigmoid", n_group=G, topk_group=tg, top_k=K, group_score="top2_sum", norm_topk_prob=True,
+              route_scale=2.5)
+    w_ref, id_ref = spec.router_ref(logits, np.eye(E), bias, **kw)  # official: mask_value -inf
+    _, id_zero = spec.router_ref(logits, np.eye(E), bias, mask_value=0.0, **kw)
+    assert (id_zero != id_ref).any(-1).all()  # 0.0-masking would choose other experts for every token
+    order = np.argsort(ids, axis=-1)  # the spec reference sorts ids ascending per token
+    np.testing.assert_array_equal(np.take_along_axis(ids, order, -1), id_ref)
+    np.testing.assert_allclose(np.take_along_axis(w, order, -1), w_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(ids, idc)
+    np.testing.assert_allclose(w, wc, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s, sc, rtol=1e-6, atol=1e-7)
+    assert _rel(g, gc) <= 1e-5 and np.abs(gc).max() > 1e-3
 
 
 def test_router_spec_rejects_impossible_k():

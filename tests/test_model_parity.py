@@ -18,7 +18,7 @@ from jaxmoe.kernels import dispatch
 TOL = 1e-5
 
 CONFIGS = ["v3", "v3_no_qlora", "v3_yarn", "v3_yarn_mscale", "v3_yarn_mscale_diff", "v3_yarn_no_mscale",
-           "v3_shared0_dense0", "v3_shared2_dense2", "v3_no_norm", "v2", "v2_greedy"]
+           "v3_shared0_dense0", "v3_shared2_dense2", "v3_no_norm", "v2", "v2_greedy", "v2_yarn"]
 
 
 def test_config_list_covers_oracle():
