@@ -267,3 +267,41 @@ def test_latent_norm_eps_comes_from_config():
     conf["rope_parameters"] = _rope_params(c)
     np.testing.assert_allclose(y, ref.mla_ref(x, w, conf), rtol=1e-5, atol=1e-6)
     assert np.abs(y - ref.mla_ref(x, w, {**conf, "rms_norm_eps": 1e-6})).max() > 1e-3  # eps matters here
+
+
+def test_official_sigmoid_gate_without_bias_ranks_groups_by_max():
+    """dsv3-spec §4.2/§9.5: the official Gate has its selection bias only when dim == 7168; a
+    sigmoid config of another width routes with unbiased scores and max group scores (the top-2
+    sum would pick other experts on these inputs)."""
+    args = dict(vocab_size=64, dim=64, inter_dim=64, moe_inter_dim=16, n_layers=2, n_dense_layers=1,
+                n_heads=2, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
+                n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5,
+                q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cfg = ModelConfig.from_official_args(args)
+    assert not cfg.has_router_bias and cfg.scoring_func == "sigmoid" and cfg.norm_topk_prob
+    logits = (2 * np.random.default_rng(1).standard_normal((256, 16))).astype(np.float32)
+    r = route(jnp.asarray(logits), jnp.zeros(16, jnp.float32), cfg)
+    w_ref, ids_ref = ref.router_ref(logits.astype(np.float64), np.eye(16), None, score_func="sigmoid",
+                                    n_group=4, topk_group=2, top_k=4, norm_topk_prob=True,
+                                    route_scale=2.5)
+    order = np.argsort(np.asarray(r.experts), -1)  # the reference sorts ids ascending
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(r.experts), order, -1), ids_ref)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(r.weights), order, -1), w_ref, rtol=1e-5)
+    _, ids_top2 = ref.router_ref(logits.astype(np.float64), np.eye(16), None, score_func="sigmoid",
+                                 n_group=4, topk_group=2, top_k=4, norm_topk_prob=True,
+                                 route_scale=2.5, group_score="top2_sum")
+    assert (np.sort(ids_top2, -1) != np.sort(ids_ref, -1)).any()  # the rules differ here
+    assert ModelConfig.from_official_args(dict(args, dim=7168, n_heads=2)).has_router_bias
+
+
+def test_bfloat16_load_keeps_the_router_in_float32():
+    """dsv3-spec §9.7 and the dtype policy: loading in bfloat16 casts the weights, not the
+    router's weight or its e_score_correction_bias (float32, as the release stores the bias)."""
+    import parity_util as pu
+
+    m = pu.load(pu.saved("v3"), dtype="bfloat16")
+    router = m.moe_layers.ffn.router
+    assert router.w_DE[...].dtype == jnp.float32 and router.bias_E[...].dtype == jnp.float32
+    assert m.moe_layers.ffn.w_up_EDF[...].dtype == jnp.bfloat16
+    assert m.moe_layers.attn.wkv_b_CNI[...].dtype == jnp.bfloat16
+    assert np.any(np.asarray(router.bias_E[...]) != 0)  # the checkpoint's values, not a fresh zero
