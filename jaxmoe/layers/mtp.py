@@ -4,7 +4,8 @@ h'_i = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]) - embedding half FIRST, the or
 released weights - then one full decoder layer with its own causal attention over the shortened
 sequence, then head(shared_head_norm(.)). h is the previous depth's output; for depth 1 the main
 model's final hidden state after the final norm (what vLLM/SGLang feed the released module).
-The embedding and head are separate parameters, as stored in the checkpoint (layer 61).
+The embedding and head are separate parameters, as stored in the checkpoint (layer 61); the spec
+shares them with the main model (§5.2), so training ties them (`train.step.tie_mtp_embeddings`).
 """
 
 from __future__ import annotations

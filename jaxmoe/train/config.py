@@ -90,6 +90,8 @@ class LossSection:
     mtp_weight: float = 0.3             # lambda; 0 turns MTP off
     mtp_weight_late: float = 0.1        # lambda after mtp_switch
     mtp_switch: float = 10.0 / 14.8     # fraction of steps (report: first 10T of 14.8T tokens)
+    mtp_shared_embeddings: bool = True  # MTP reads the main embedding and output head (spec §5.2);
+                                        # its stored copies are kept equal; false: trained apart
     balance_alpha: float = 1e-4         # sequence-wise balance loss; 0 turns it off
     bias_update_speed: float = 1e-3     # gamma of the aux-loss-free bias update; 0 turns it off
     bias_update_stop: float = 14.3 / 14.8  # fraction of steps after which gamma = 0

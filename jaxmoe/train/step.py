@@ -63,6 +63,24 @@ def nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array
     return ((logz - gold) * mask).sum()
 
 
+def tie_mtp_embeddings(params):
+    """dsv3-spec §5.2: every MTP depth shares the main model's embedding and output head. The
+    model keeps each depth's own copies (the release stores them as layer 61 tensors), so training
+    writes the main arrays into them: inside the loss (the MTP loss's gradient then reaches the main
+    embedding and head; the copies get none) and after each update (saved copies stay equal).
+    A no-op for trees without the main arrays (LoRA adapters) or without MTP depths."""
+    if "mtp" not in params or "embed_VD" not in params or "lm_head_DV" not in params:
+        return params
+    main = {"embed_VD": jax.tree.leaves(params["embed_VD"])[0],
+            "head_DV": jax.tree.leaves(params["lm_head_DV"])[0]}
+
+    def pick(path, x):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return main[keys[2]] if keys[0] == "mtp" and len(keys) > 2 and keys[2] in main else x
+
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+
 # ---------------------------------------------------------------------------- the step
 class StepFns:
     """Builds the jitted train / eval steps for one model graph and one run config."""
@@ -73,6 +91,7 @@ class StepFns:
         self.graphdef, self.mcfg, self.loss, self.tx, self.lr_fn = graphdef, mcfg, loss, tx, lr_fn
         self.total_steps = total_steps
         self.use_mtp = loss.mtp_weight > 0 and mcfg.num_nextn_predict_layers > 0
+        self.tie_mtp = self.use_mtp and loss.mtp_shared_embeddings
         self.use_balance = loss.balance_alpha > 0 and mcfg.num_moe_layers > 0
         # LoRA freezes the whole base, the router's selection biases included
         self.use_bias = loss.bias_update_speed > 0 and mcfg.has_router_bias and not lora
@@ -116,6 +135,8 @@ class StepFns:
             from jaxmoe.lora import dropout_adapters
 
             params = dropout_adapters(params, jax.random.fold_in(rng, 0x10A), self.lora_dropout)
+        if self.tie_mtp:
+            params = tie_mtp_embeddings(params)
         model = self.model_of(params, biases, rest)
         ent_sum, n_routers = 0.0, 0
         tok, seg, pos = mb["tokens"], mb["segments"], mb["positions"]
@@ -185,6 +206,8 @@ class StepFns:
         grad_norm = optax.tree.norm(grads)
         updates, opt = self.tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
+        if self.tie_mtp:
+            params = tie_mtp_embeddings(params)
         metrics = {"loss": aux["ce"], "objective": aux["objective"], "grad_norm": grad_norm,
                    "lr": jnp.asarray(self.lr_fn(step), jnp.float32)}
         if "balance" in aux:
