@@ -59,6 +59,43 @@ def test_sampler_is_deterministic_and_resumable():
     assert not np.array_equal(whole[:10], B.Sampler(10, 4).rows(0, 10))
 
 
+def test_pack_rows_without_document_masking_is_one_causal_sequence():
+    """--data.doc_masking false (the report's pretraining packs without cross-sample masking): the
+    same tokens, one segment per row and positions 0..T, so the step's attention mask is plain
+    causal and every next token is a target."""
+    c = corpus_of([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]])
+    a = B.pack_rows(c, np.array([0, 1]), seq_len=4)
+    b = B.pack_rows(c, np.array([0, 1]), seq_len=4, doc_masking=False)
+    np.testing.assert_array_equal(b["tokens"], a["tokens"])
+    np.testing.assert_array_equal(b["segments"], np.ones((2, 5)))
+    np.testing.assert_array_equal(b["positions"], [list(range(5))] * 2)
+    m = np.asarray(doc_mask(jnp.asarray(b["segments"][:, :-1]), jnp.asarray(b["positions"][:, :-1])))
+    np.testing.assert_array_equal(m[:, 0], np.broadcast_to(np.tril(np.ones((4, 4), bool)), (2, 4, 4)))
+    np.testing.assert_array_equal(np.asarray(target_mask(jnp.asarray(b["segments"]))), np.ones((2, 4)))
+    assert not np.asarray(target_mask(jnp.asarray(a["segments"]))).all()  # masking drops some
+
+
+def test_trainer_builds_its_loaders_with_doc_masking(tmp_path, monkeypatch):
+    from jaxmoe.train import trainer
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def loader(corpus, **kw):
+        seen.append(kw["doc_masking"])
+        raise Built
+
+    monkeypatch.setattr(B, "Loader", loader)
+    cfg = apply_overrides(get_run("tiny-debug"), [
+        ("workdir", str(tmp_path / "w")), ("data.doc_masking", "false"),
+        ("data.max_bytes", "200000")]).validate()
+    with pytest.raises(Built):
+        trainer.run(cfg)
+    assert seen == [False]
+
+
 def test_global_batch_is_the_host_batch_on_every_shard():
     c = corpus_of([list(range(1, 40)), list(range(1, 30))])
     loader = B.Loader(c, seq_len=5, batch_size=16, grad_accum=2, seed=0)

@@ -9,6 +9,10 @@ the step builds
   * the positions: restarting at 0 where a document starts inside the row;
   * the loss mask: target i+1 counts only when it is in the same document as token i.
 
+With `doc_masking=False` (the DeepSeek-V3 report's pretraining: packing without cross-sample
+masking) every row is one segment: plain causal attention over the row, positions 0..seq_len,
+and every next token is a target.
+
 Order: global sample g (rows consumed so far across all processes) is row
 `perm_e[g mod n]` of epoch `e = g // n`, `perm_e` a permutation seeded by (seed, e). The data
 position saved with a checkpoint is the single integer `consumed`, so a resumed run (even with
@@ -24,7 +28,8 @@ from jaxmoe.train.config import TrainConfigError
 from jaxmoe.train.data import Corpus
 
 
-def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int, doc_masking: bool = True
+              ) -> dict[str, np.ndarray]:
     """Rows (indices) -> tokens / segments / positions, each [len(rows), seq_len + 1] int32."""
     T1 = seq_len + 1
     starts = rows.astype(np.int64) * seq_len
@@ -36,6 +41,9 @@ def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int) -> dict[str, np.nd
     new = np.concatenate([np.ones((len(rows), 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
     first = np.maximum.accumulate(np.where(new, np.arange(T1)[None, :], 0), axis=1)
     positions = (np.arange(T1)[None, :] - first).astype(np.int32)
+    if not doc_masking:  # one segment per row: the masks and positions ignore document starts
+        segments, positions = np.ones_like(segments), np.broadcast_to(
+            np.arange(T1, dtype=np.int32), segments.shape).copy()
     # load_corpora already range-checked every memmap id; this per-batch guard (one min/max over
     # the few rows just gathered) covers corpora built another way (tests, tools).
     if len(tokens) and tokens.max(initial=0) >= corpus.vocab:
@@ -77,8 +85,8 @@ class Loader:
     out on `sharding`; each process materialises only its own rows."""
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, grad_accum: int, seed: int,
-                 shuffle: bool = True):
-        self.corpus, self.seq_len = corpus, seq_len
+                 shuffle: bool = True, doc_masking: bool = True):
+        self.corpus, self.seq_len, self.doc_masking = corpus, seq_len, doc_masking
         self.B, self.A = batch_size, grad_accum
         self.sampler = Sampler(corpus.n_rows(seq_len), seed, shuffle)
 
@@ -90,7 +98,7 @@ class Loader:
         """Rows lo:hi of microbatch mb of the global batch starting at sample `consumed`."""
         per = self.B // self.A
         rows = self.sampler.rows(consumed + mb * per + lo, hi - lo)
-        return pack_rows(self.corpus, rows, self.seq_len)
+        return pack_rows(self.corpus, rows, self.seq_len, self.doc_masking)
 
     def host_batch(self, consumed: int) -> dict[str, np.ndarray]:
         """The whole global batch on the host (tests, single-process tools)."""

@@ -70,6 +70,9 @@ class DataSection:
     eval_fraction: float = 0.02         # held-out share when there is no eval_path
     eval_batches: int = 4               # eval batches (of batch_size rows) per evaluation
     max_bytes: int = 0                  # stdlib corpus cap in bytes (0: all of it)
+    doc_masking: bool = True            # attention, positions and targets stay within each document;
+                                        # false: plain causal over the packed row (the report's
+                                        # pretraining, dsv3-spec §2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ devices, batch divisibility, data paths, vocab) before anything is initialised o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -293,9 +294,10 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
             log(f"metrics.jsonl: dropped {writer.dropped} line(s) after step {start} "
                 "(not in the checkpoint)")
 
-    train_loader = batches.Loader(plan.train, d.seq_len, d.batch_size, d.grad_accum, cfg.seed)
-    eval_loader = (batches.Loader(plan.eval, d.seq_len, d.batch_size, d.grad_accum, cfg.seed,
-                                   shuffle=False)
+    loader = functools.partial(batches.Loader, seq_len=d.seq_len, batch_size=d.batch_size,
+                               grad_accum=d.grad_accum, seed=cfg.seed, doc_masking=d.doc_masking)
+    train_loader = loader(plan.train)
+    eval_loader = (loader(plan.eval, shuffle=False)
                    if plan.eval.n_rows(d.seq_len) > 0 and d.eval_batches > 0 else None)
     jstep = jax.jit(fns.train_step, donate_argnums=(0,),
                     out_shardings=(state_sh, replicated))
