@@ -17,7 +17,7 @@ from jaxmoe.train.config import DataSection, OptimSection
 from jaxmoe.train.runs import get_run
 from jaxmoe.train.flags import apply_overrides
 from jaxmoe.train.optim import decays, make_optimizer, schedule
-from jaxmoe.train.step import bias_update, doc_mask, target_mask
+from jaxmoe.train.step import bias_update, doc_mask, target_mask, tie_mtp_embeddings
 
 
 def host_model(cfg, seed=0):
@@ -302,7 +302,9 @@ def test_router_entropy_is_the_mean_over_routers():
 
     @jax.jit
     def run(state):
-        model = fns.model_of(state["params"], state["biases"], fns.fixed_parts(state))
+        # (the MTP depth reads the main embedding, as the loss does)
+        model = fns.model_of(tie_mtp_embeddings(state["params"]), state["biases"],
+                             fns.fixed_parts(state))
         inp, p = mb["tokens"][:, :-1], mb["positions"][:, :-1]
         mask = doc_mask(jnp.asarray(mb["segments"][:, :-1]), p)
         out = model.forward(inp, p, mask=mask)
