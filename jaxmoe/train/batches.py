@@ -36,14 +36,15 @@ def pack_rows(corpus: Corpus, rows: np.ndarray, seq_len: int, doc_masking: bool 
     idx = starts[:, None] + np.arange(T1)[None, :]  # [R, T1] stream offsets
     # one gather over the flat offsets [R*T1], back to [R, T1]
     tokens = np.asarray(corpus.tokens[idx.reshape(-1)]).reshape(idx.shape).astype(np.int32)
-    doc = np.searchsorted(corpus.doc_starts, idx, side="right") - 1  # [R, T1] global doc index
-    segments = (doc - doc[:, :1] + 1).astype(np.int32)  # 1-based within the row
-    new = np.concatenate([np.ones((len(rows), 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
-    first = np.maximum.accumulate(np.where(new, np.arange(T1)[None, :], 0), axis=1)
-    positions = (np.arange(T1)[None, :] - first).astype(np.int32)
-    if not doc_masking:  # one segment per row: the masks and positions ignore document starts
-        segments, positions = np.ones_like(segments), np.broadcast_to(
-            np.arange(T1, dtype=np.int32), segments.shape).copy()
+    if doc_masking:
+        doc = np.searchsorted(corpus.doc_starts, idx, side="right") - 1  # [R, T1] global doc index
+        segments = (doc - doc[:, :1] + 1).astype(np.int32)  # 1-based within the row
+        new = np.concatenate([np.ones((len(rows), 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+        first = np.maximum.accumulate(np.where(new, np.arange(T1)[None, :], 0), axis=1)
+        positions = (np.arange(T1)[None, :] - first).astype(np.int32)
+    else:  # one segment per row: the masks and positions ignore document starts
+        segments = np.ones(idx.shape, np.int32)
+        positions = np.broadcast_to(np.arange(T1, dtype=np.int32), idx.shape).copy()
     # load_corpora already range-checked every memmap id; this per-batch guard (one min/max over
     # the few rows just gathered) covers corpora built another way (tests, tools).
     if len(tokens) and tokens.max(initial=0) >= corpus.vocab:
