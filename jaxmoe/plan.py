@@ -116,11 +116,12 @@ def plan(model: str = "deepseek_v3_671b", mesh: str = "cpu-8", seq: int = 4096,
          rows_per_shard: int = 1, param_dtype: str = "float32", dtype: str = "bfloat16",
          remat: bool = True, ep: str | None = None, moe_impl: str = "auto",
          fit: bool = True, overrides: dict | None = None,
-         compiler_options: dict | None = None) -> dict:
+         compiler_options: dict | None = None, moments_dtype: str = "float32") -> dict:
     """The memory plan (per-device bytes by category) as a dict; see the module docstring.
     `fit=False` compiles the full model directly instead of extrapolating; `overrides` edit the
     model preset (e.g. a scaled-down model); `compiler_options` go to XLA (tests: a faster
-    CPU backend level, which leaves buffer assignment alone)."""
+    CPU backend level, which leaves buffer assignment alone); `moments_dtype`: the AdamW moments'
+    storage (`--optim.moments_dtype`)."""
     import jax
     import numpy as np
 
@@ -153,7 +154,7 @@ def plan(model: str = "deepseek_v3_671b", mesh: str = "cpu-8", seq: int = 4096,
         compiler_options = {"xla_backend_optimization_level": 0}  # LLVM only: same buffers
     full = jaxmoe.get_preset(model, param_dtype=param_dtype, dtype=dtype, moe_impl=moe_impl,
                              **(overrides or {}))
-    tx, lr_fn = make_optimizer(OptimSection(), 1000)
+    tx, lr_fn = make_optimizer(OptimSection(moments_dtype=moments_dtype), 1000)
     loss = LossSection()
     rows = layout.batch_shards * rows_per_shard
 
@@ -204,7 +205,7 @@ def plan(model: str = "deepseek_v3_671b", mesh: str = "cpu-8", seq: int = 4096,
         "devices": preset.size, "device": preset.device, "hbm_bytes": hbm,
         "platform": devices[0].platform, "ep": ep_name, "n_params": n_params,
         "global_batch": rows, "seq": seq, "param_dtype": param_dtype, "dtype": dtype,
-        "remat": remat, "moe_impl": moe_impl,
+        "remat": remat, "moe_impl": moe_impl, "moments_dtype": moments_dtype,
         "bytes": {"parameters": params, "optimizer": opt, "gradients": grads,
                   "activations": activations, "batch": batch, "total": total},
         "temp_bytes": activations + grads, "fit_coef": coef,
@@ -221,6 +222,7 @@ def table(r: dict) -> str:
         f"({r['mesh_shape']}; {r['devices']} x {r['device']}"
         f"{f', {hbm / GiB:g} GiB each' if hbm else ''})",
         f"  step: batch {r['global_batch']} x {r['seq']} tokens, params {r['param_dtype']}, "
+        f"AdamW moments {r['moments_dtype']}, "
         f"compute {r['dtype']}, remat {'on' if r['remat'] else 'off'}, ep {r['ep']}, "
         f"moe_impl {r['moe_impl']}; compiled on {r['platform']}",
         f"  activations: {r['method']}",
@@ -253,7 +255,9 @@ def _parse(argv):
     ap.add_argument("--mesh", default="cpu-8", help="pjit_configs mesh preset")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per row")
     ap.add_argument("--rows", type=int, default=1, help="rows per batch shard")
-    ap.add_argument("--param-dtype", default="float32", help="parameter (and optimizer) dtype")
+    ap.add_argument("--param-dtype", default="float32", help="parameter dtype")
+    ap.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="AdamW moments' storage (the trainer's --optim.moments_dtype)")
     ap.add_argument("--dtype", default="bfloat16", help="matmul compute dtype")
     ap.add_argument("--no-remat", dest="remat", action="store_false",
                     help="keep every layer's activations instead of rematerialising them")
@@ -282,7 +286,7 @@ def main(argv=None) -> int:
             argv = sys.argv[1:] if argv is None else list(argv)
             return subprocess.call([sys.executable, "-m", "jaxmoe.plan", *argv], env=env)
     r = plan(a.model, a.mesh, a.seq, a.rows, a.param_dtype, a.dtype, a.remat, a.ep, a.moe_impl,
-             fit=not a.direct)
+             fit=not a.direct, moments_dtype=a.moments_dtype)
     print(table(r))
     if a.json:
         with open(a.json, "w") as f:

@@ -5,6 +5,8 @@ argument size of the compiled step agrees with them; the CLI refuses an unknown 
 import subprocess
 import sys
 
+import pytest
+
 from jaxmoe import plan as plan_lib
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -31,15 +33,18 @@ def hand_count(D=64, V=256, Q=32, C=16, R=8, N=4, H=16, G=16, F=128, Fm=32, Fs=3
     return dense + moe + top, bias
 
 
-def test_plan_parameters_match_hand_count():
+@pytest.mark.parametrize("moments,size", [("float32", 4), ("bfloat16", 2)])
+def test_plan_parameters_match_hand_count(moments, size):
     r = plan_lib.plan("tiny", "cpu-8", seq=16, rows_per_shard=1, param_dtype="float32",
                       dtype="float32", remat=True, fit=False, compiler_options=FAST,
-                      overrides={"num_hidden_layers": 2, "num_nextn_predict_layers": 0})
+                      overrides={"num_hidden_layers": 2, "num_nextn_predict_layers": 0},
+                      moments_dtype=moments)
     params, bias = hand_count()
     b = r["bytes"]
     assert b["parameters"] == 4 * (params + bias)
     assert b["gradients"] == 4 * params                # router biases get no gradient
-    assert 8 * params <= b["optimizer"] <= 8 * params + 16  # AdamW mu + nu (+ step counts)
+    # AdamW mu + nu in the moments' dtype (+ step counts)
+    assert 2 * size * params <= b["optimizer"] <= 2 * size * params + 16
     assert r["global_batch"] == 4 and r["ep"] == "allgather"
     # XLA's argument bytes of the compiled step = parameters + optimizer state + batch + RNG
     # key (8 bytes) + step (4 bytes): the sharded layout XLA compiled is the one counted

@@ -48,6 +48,7 @@ def test_bad_flags_name_the_problem(argv, match):
     (["--optim.b1", "1.5"], r"--optim.b1=1.5: must be in \[0, 1\)"),
     (["--optim.b2", "1"], r"--optim.b2=1.0: must be in \[0, 1\)"),
     (["--optim.eps", "-1"], r"--optim.eps=-1.0: must be positive"),
+    (["--optim.moments_dtype", "float16"], r"--optim.moments_dtype='float16': must be one of"),
     (["--loss.mtp_switch", "3"], r"--loss.mtp_switch=3.0: a fraction of --steps: in \[0, 1\]"),
     (["--loss.bias_update_stop", "-0.1"], r"--loss.bias_update_stop=-0.1: a fraction"),
     (["--log.sample_bytes", "-5"], r"--log.sample_bytes=-5: must be >= 0"),

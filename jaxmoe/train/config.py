@@ -75,6 +75,9 @@ class DataSection:
                                         # pretraining, dsv3-spec §2)
 
 
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
     lr: float = 3e-3                    # peak learning rate
@@ -86,6 +89,9 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1           # not applied to norm scales or biases
     clip_norm: float = 1.0              # global-norm clipping (0: off)
+    moments_dtype: str = "float32"      # AdamW moments' storage: float32 | bfloat16 (the report
+                                        # keeps both in BF16: half the optimizer memory; the
+                                        # update itself is computed in float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +225,8 @@ class TrainConfig:
         need(o.eps > 0, "optim.eps", "must be positive (it keeps Adam's denominator off 0)")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         need(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0: off)")
+        need(o.moments_dtype in MOMENT_DTYPES, "optim.moments_dtype",
+             f"must be one of {MOMENT_DTYPES}")
         for f in ("mtp_weight", "mtp_weight_late", "balance_alpha", "bias_update_speed"):
             need(getattr(lo, f) >= 0, f"loss.{f}", "must be >= 0 (0: off)")
         for f in ("mtp_switch", "bias_update_stop"):  # fractions of --steps
