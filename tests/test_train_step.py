@@ -87,13 +87,45 @@ def test_trainer_builds_its_loaders_with_doc_masking(tmp_path, monkeypatch):
         seen.append(kw["doc_masking"])
         raise Built
 
+    def step_fns(*a, **kw):
+        seen.append(("steps", kw["doc_masking"]))
+        return real(*a, **kw)
+
+    real = trainer.StepFns
     monkeypatch.setattr(B, "Loader", loader)
+    monkeypatch.setattr(trainer, "StepFns", step_fns)
     cfg = apply_overrides(get_run("tiny-debug"), [
         ("workdir", str(tmp_path / "w")), ("data.doc_masking", "false"),
         ("data.max_bytes", "200000")]).validate()
     with pytest.raises(Built):
         trainer.run(cfg)
-    assert seen == [False]
+    assert seen == [("steps", False), False]
+
+
+def test_without_document_masking_the_step_uses_the_models_causal_mask():
+    """StepFns(doc_masking=False) passes no [B, 1, T, T] mask (the model's causal one is the
+    same for one segment per row): the same loss as the explicit mask on such a batch."""
+    from jax.sharding import Mesh
+
+    from jaxmoe.train import trainer
+    from jaxmoe.train.step import StepFns
+
+    cfg = apply_overrides(get_run("tiny-debug"), [("loss.mtp_weight", "0")]).validate()
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    plan = trainer.Plan(cfg, trainer.resolve_model_config(cfg), mesh, None, None)
+    tx, lr = make_optimizer(cfg.optim, cfg.steps)
+    graphdef, state = trainer.init_state(plan, tx, NamedSharding(mesh, P()))
+    c = corpus_of([list(range(1, 30)), list(range(1, 40))])
+    mb = B.pack_rows(c, np.array([0, 1, 2, 3]), seq_len=12, doc_masking=False)
+    denom = jnp.asarray([float(4 * 12)])
+    out = {}
+    for on in (True, False):
+        fns = StepFns(graphdef, plan.mcfg, cfg.loss, tx, lr, cfg.steps, doc_masking=on)
+        args = (state["params"], state["biases"], fns.fixed_parts(state), mb, denom, state["step"])
+        out[on] = jax.jit(fns.micro_loss)(*args)[0], jax.make_jaxpr(fns.micro_loss)(*args)
+    assert float(out[False][0]) == pytest.approx(float(out[True][0]), rel=1e-6)
+    square = "bool[4,1,12,12]"
+    assert square in str(out[True][1]) and square not in str(out[False][1])
 
 
 def test_global_batch_is_the_host_batch_on_every_shard():

@@ -87,9 +87,11 @@ class StepFns:
 
     def __init__(self, graphdef, mcfg: ModelConfig, loss: LossSection, tx: optax.GradientTransformation,
                  lr_fn: Callable, total_steps: int, *, lora: bool = False, lora_dropout: float = 0.0,
-                 stage=None):
+                 stage=None, doc_masking: bool = True):
         self.graphdef, self.mcfg, self.loss, self.tx, self.lr_fn = graphdef, mcfg, loss, tx, lr_fn
         self.total_steps = total_steps
+        # without document masking (one segment per row) the model's own causal mask is the mask
+        self.doc_masking = doc_masking
         self.use_mtp = loss.mtp_weight > 0 and mcfg.num_nextn_predict_layers > 0
         self.tie_mtp = self.use_mtp and loss.mtp_shared_embeddings
         self.use_balance = loss.balance_alpha > 0 and mcfg.num_moe_layers > 0
@@ -141,7 +143,7 @@ class StepFns:
         ent_sum, n_routers = 0.0, 0
         tok, seg, pos = mb["tokens"], mb["segments"], mb["positions"]
         inputs, positions, seg_in = tok[:, :-1], pos[:, :-1], seg[:, :-1]
-        mask = doc_mask(seg_in, positions)
+        mask = doc_mask(seg_in, positions) if self.doc_masking else None
         out = model.forward(inputs, positions, mask=mask)
         ce = nll_sum(out.logits, tok[:, 1:], target_mask(seg)) / denom[0]
         obj = ce
@@ -249,7 +251,8 @@ class StepFns:
         model = self.model_of(state["params"], state["biases"], self.fixed_parts(state))
         flat = jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)  # [A, b, T+1] -> [A*b, T+1]
         tok, seg, pos = flat["tokens"], flat["segments"], flat["positions"]
-        out = model.forward(tok[:, :-1], pos[:, :-1], mask=doc_mask(seg[:, :-1], pos[:, :-1]))
+        mask = doc_mask(seg[:, :-1], pos[:, :-1]) if self.doc_masking else None
+        out = model.forward(tok[:, :-1], pos[:, :-1], mask=mask)
         m = target_mask(seg)
         return nll_sum(out.logits, tok[:, 1:], m), m.sum()
 

@@ -240,7 +240,7 @@ def _run(cfg: TrainConfig, plan: Plan) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     mcfg = plan.mcfg
     fns = StepFns(graphdef, mcfg, cfg.loss, tx, lr_fn, cfg.steps, lora=bool(cfg.lora.rank),
-                  lora_dropout=cfg.lora.dropout, stage=cfg.stage)
+                  lora_dropout=cfg.lora.dropout, stage=cfg.stage, doc_masking=cfg.data.doc_masking)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     if cfg.lora.rank:
         n_base = sum(x.size for x in jax.tree.leaves(state["frozen"]))
