@@ -136,24 +136,31 @@ def check_output_path(out_dir: str, src: str | None = None) -> str:
     return out
 
 
-def read_journal(tmp: str) -> set[str]:
+def scan_journal(tmp: str) -> tuple[set[str], int]:
+    """(slabs journaled as committed, byte length of the journal's complete lines). Each batch
+    is one line written with its newline; text after the last newline is a line torn by a kill
+    (that batch is redone), any other bad line a corrupt journal."""
     done: set[str] = set()
     p = os.path.join(tmp, JOURNAL)
-    if os.path.exists(p):
-        with open(p) as f:
-            lines = f.read().split("\n")
-        for i, line in enumerate(lines):
-            if not line:
-                continue
-            try:
-                done.update(json.loads(line))
-            except ValueError:
-                if i == len(lines) - 1:  # a torn last line from a kill: that batch is redone
-                    break
-                raise CheckpointError(f"{p}, line {i + 1}: not a JSON list of finished arrays; "
-                                      "the resume journal is corrupt (start again without "
-                                      "--resume, or with --overwrite)") from None
-    return done
+    if not os.path.exists(p):
+        return done, 0
+    with open(p, "rb") as f:
+        *lines, _torn = f.read().split(b"\n")
+    for i, line in enumerate(lines):
+        try:
+            keys = json.loads(line)
+            if not isinstance(keys, list):
+                raise ValueError
+        except ValueError:
+            raise CheckpointError(f"{p}, line {i + 1}: not a JSON list of finished slabs; the "
+                                  "resume journal is corrupt (start again without --resume, or "
+                                  "with --overwrite)") from None
+        done.update(keys)
+    return done, sum(len(line) + 1 for line in lines)
+
+
+def read_journal(tmp: str) -> set[str]:
+    return scan_journal(tmp)[0]
 
 
 class Writer:
@@ -168,11 +175,9 @@ class Writer:
              "metadata": orbax_io.zarr_metadata(a.shape, a.dtype, a.chunks)},
             create=True, open=True, context=self.ctx) for a in plan.arrays.values()}
         self.arrays = {k: f.result() for k, f in opened.items()}
+        complete = scan_journal(tmp)[1]
         self._journal = open(os.path.join(tmp, JOURNAL), "a+b")
-        self._journal.seek(0)
-        whole = self._journal.read()
-        if whole and not whole.endswith(b"\n"):  # after a kill mid-line: drop the torn line,
-            self._journal.truncate(whole.rfind(b"\n") + 1)  # so only a last line can be torn
+        self._journal.truncate(complete)  # after a kill mid-line: drop the torn line
         self._txn, self._keys, self._bytes = ts.Transaction(), [], 0
         self._pending: list = []  # (commit future, keys), oldest first
         self._copies: list = []  # (copy future, array) of the batch being staged

@@ -174,6 +174,7 @@ def test_journal_tolerates_only_a_torn_last_line(tmp_path):
                                      fingerprint=""))
     w.close()
     assert p.read_text() == '["a"]\n["b", "c"]\n'  # the next batch starts a clean line
-    p.write_text('["a"]\n{oops\n["b"]\n')
-    with pytest.raises(CheckpointError, match=r"convert_journal.jsonl, line 2: .*corrupt"):
-        W.read_journal(str(tmp_path))
+    for bad in ('{oops', '3'):  # not JSON; JSON but not a list
+        p.write_text('["a"]\n' + bad + '\n["b"]\n')
+        with pytest.raises(CheckpointError, match=r"convert_journal.jsonl, line 2: .*corrupt"):
+            W.read_journal(str(tmp_path))
