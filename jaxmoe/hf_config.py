@@ -159,9 +159,9 @@ def from_official_args(args: Mapping[str, Any], **overrides) -> ModelConfig:
     sig = args.get("score_func", "softmax") == "sigmoid"
     groups = int(args.get("n_expert_groups", 1))
     kw.setdefault("scoring_func", "softmax")
-    # the official Gate has its selection bias only when dim == 7168 (dsv3-spec §4.2, §9.5); without
-    # it groups rank by their max score, as in V2, whatever the scoring function
-    biased = sig and int(args.get("dim", 0)) == 7168
+    # the official Gate has its selection bias exactly when dim == 7168, whatever the scoring
+    # function (dsv3-spec §4.2, §9.5); with it groups rank by their top-2 sum, else by their max
+    biased = int(args.get("dim", 0)) == 7168
     kw["topk_method"] = "noaux_tc" if biased else ("group_limited_greedy" if groups > 1 else "greedy")
     kw["norm_topk_prob"] = sig  # official renormalises iff sigmoid scoring
     kw.setdefault("n_group", groups)

@@ -291,7 +291,9 @@ def test_official_sigmoid_gate_without_bias_ranks_groups_by_max():
                                  n_group=4, topk_group=2, top_k=4, norm_topk_prob=True,
                                  route_scale=2.5, group_score="top2_sum")
     assert (np.sort(ids_top2, -1) != np.sort(ids_ref, -1)).any()  # the rules differ here
-    assert ModelConfig.from_official_args(dict(args, dim=7168, n_heads=2)).has_router_bias
+    for score in ("sigmoid", "softmax"):  # the bias comes with the width, not the scoring
+        c = ModelConfig.from_official_args(dict(args, dim=7168, score_func=score))
+        assert c.has_router_bias and c.scoring_func == score
 
 
 def test_bfloat16_load_keeps_the_router_in_float32():
