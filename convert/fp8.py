@@ -22,5 +22,5 @@ def check_finite(a: np.ndarray, name: str, row0: int = 0) -> None:
     bad = np.argwhere(~np.isfinite(np.asarray(a, np.float32)))  # bf16: via float32
     if bad.size:
         idx = tuple(int(i) for i in bad[0])
-        where = [idx[0] + row0, *idx[1:]]
+        where = [idx[0] + row0, *idx[1:]] if idx else []  # (a 0-d tensor: no index)
         raise CheckpointError(f"tensor {name!r}: {a[idx]} at {where}; expected finite values")

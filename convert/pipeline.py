@@ -69,12 +69,11 @@ def _check_source(x: np.ndarray, s: np.ndarray | None, slab: Slab, block) -> Non
     if s is not None:
         if not np.isfinite(s).all() or np.abs(s).max(initial=0) * 448.0 > np.finfo(np.float32).max:
             # overflow is possible: the exact per-block check names the element
-            r0 = slab.rows[0] if slab.rows else 0
-            fp8.dequantize_rows(x, s, r0, block, np.float32, name)
+            fp8.dequantize_rows(x, s, slab.row0, block, np.float32, name)
         if _has_special(x):
-            fp8.dequantize_rows(x, s, slab.rows[0] if slab.rows else 0, block, np.float32, name)
+            fp8.dequantize_rows(x, s, slab.row0, block, np.float32, name)
     elif _has_special(x):
-        fp8.check_finite(x, name, slab.rows[0] if slab.rows else 0)
+        fp8.check_finite(x, name, slab.row0)
 
 
 # ------------------------------------------------------------------------------- kernels
@@ -121,7 +120,7 @@ def _compute(src: Source, plan: Plan, slab: Slab) -> np.ndarray:
     big = slab.out_bytes >= JAX_MIN_BYTES
     if s is not None:
         y = (_dequant_jax(x, s, src.fp8_block, out_dtype) if big else
-             fp8.dequantize_rows(x, s, slab.rows[0] if slab.rows else 0, src.fp8_block,
+             fp8.dequantize_rows(x, s, slab.row0, src.fp8_block,
                                  out_dtype, e.hf_name))
     elif x.dtype == out_dtype and e.transform == "copy":
         return x  # pass-through: written straight from the memory map

@@ -69,6 +69,11 @@ class Slab:
     out_bytes: int
     kind: str = "value"  # "value"; with keep_fp8: "fp8" (raw e4m3 weight), "fp8_scale"
 
+    @property
+    def row0(self) -> int:
+        """The first HF row this slab holds."""
+        return self.rows[0] if self.rows else 0
+
 
 @dataclasses.dataclass
 class Plan:
@@ -146,6 +151,7 @@ def build_plan(src: Source, dtype: str | None = None, mtp="auto",
         hs = hf_shape(e.transform, slab_shape, cfg)
         present = e.hf_name in src
         fp8 = present and src.dtype_name(e.hf_name) == FP8_DTYPE
+        row_bytes = src.nbytes(e.hf_name) // max(hs[0], 1) if present else 0
         blocks = [(0, hs[0])] if ap.split_rows <= 0 else \
             [(r, min(r + ap.split_rows, hs[0])) for r in range(0, hs[0], ap.split_rows)]
         for r0, r1 in blocks:
@@ -154,9 +160,7 @@ def build_plan(src: Source, dtype: str | None = None, mtp="auto",
             if rows is not None:
                 tail = ((slice(r0, r1), slice(None)) if e.transform == "copy"
                         else (slice(None), slice(r0, r1)))
-            # a row block's share of the source bytes (whole rows: exact integers)
-            src_bytes = (src.nbytes(e.hf_name) // hs[0] * (r1 - r0) if hs[0] else
-                         src.nbytes(e.hf_name)) if present else 0
+            src_bytes = row_bytes * (r1 - r0)  # whole rows: the blocks add up exactly
             n = (r1 - r0) * math.prod(hs[1:])
             slabs.append(Slab(
                 e.hf_name + ("" if rows is None else f"@{r0}:{r1}"), e, name, rows, hs,

@@ -250,13 +250,15 @@ class _HelpFormat(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefault
 
 
 def _parse(argv):
+    from jaxmoe.train.config import MOMENT_DTYPES
+
     ap = argparse.ArgumentParser(prog="jaxmoe-plan", description=__doc__, formatter_class=_HelpFormat)
     ap.add_argument("--model", default="deepseek_v3_671b", help="jaxmoe model preset")
     ap.add_argument("--mesh", default="cpu-8", help="pjit_configs mesh preset")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per row")
     ap.add_argument("--rows", type=int, default=1, help="rows per batch shard")
     ap.add_argument("--param-dtype", default="float32", help="parameter dtype")
-    ap.add_argument("--moments-dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--moments-dtype", default="float32", choices=MOMENT_DTYPES,
                     help="AdamW moments' storage (the trainer's --optim.moments_dtype)")
     ap.add_argument("--dtype", default="bfloat16", help="matmul compute dtype")
     ap.add_argument("--no-remat", dest="remat", action="store_false",
