@@ -13,14 +13,13 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
 
 import ml_dtypes
 import numpy as np
 
 from jaxmoe import hf_mapping, orbax_io, paths
-from jaxmoe.safetensors_io import NAMES, CheckpointError
+from jaxmoe.safetensors_io import CheckpointError, header_bytes
 
 from convert import writer
 from convert.fp8 import dequantize_rows
@@ -36,7 +35,9 @@ class ShardedWriter:
     """Streams tensors into safetensors shards whose layout (names, dtypes, shapes) is known up
     front: `plan` assigns them to shards, `write` appends each tensor's bytes in order."""
 
-    def __init__(self, folder: str, specs: list[tuple[str, np.dtype, tuple]], max_shard_bytes: int):
+    def __init__(self, folder: str, specs: list[tuple[str, np.dtype, tuple]], max_shard_bytes: int,
+                 count_digits: int = 5):
+        """`count_digits`: width of the shard count in the file names (the release: 6)."""
         self.folder, self.specs = folder, specs
         groups, cur, size = [], [], 0
         for name, dt, shape in specs:
@@ -48,7 +49,8 @@ class ShardedWriter:
             size += n
         groups.append(cur)
         total = len(groups)
-        self.files = ([f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        self.files = ([f"model-{i + 1:05d}-of-{total:0{count_digits}d}.safetensors"
+                       for i in range(total)]
                       if total > 1 else ["model.safetensors"])
         self.groups = groups
         self.weight_map = {n: f for f, g in zip(self.files, groups) for n, _, _ in g}
@@ -60,16 +62,8 @@ class ShardedWriter:
             self._f.close()
         self._gi += 1
         self._ti = 0
-        header, off = {}, 0
-        for name, dt, shape in self.groups[self._gi]:
-            n = math.prod(shape) * dt.itemsize
-            header[name] = {"dtype": NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         self._f = open(os.path.join(self.folder, self.files[self._gi]), "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._f.write(header_bytes(self.groups[self._gi], {"format": "pt"})[0])
 
     def begin(self, name: str) -> None:
         """Start tensor `name` (the next one in order)."""
@@ -94,10 +88,13 @@ class ShardedWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         if len(self.files) > 1:
-            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2)
+            self.write_index()
+
+    def write_index(self) -> None:
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+        with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
 
 
 def _prepare_output(out: str, overwrite: bool) -> str:

@@ -14,9 +14,7 @@ and validation can run at the real scale, and holes read as zeros.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 from typing import Callable, Mapping
 
 import ml_dtypes
@@ -26,7 +24,7 @@ from flax import nnx
 from jaxmoe import hf_mapping
 from jaxmoe.config import ModelConfig
 from jaxmoe.hf_io import SCALE_SUFFIX, abstract_model
-from jaxmoe.safetensors_io import NAMES
+from jaxmoe.safetensors_io import header_bytes
 
 from convert.export import ShardedWriter
 from convert.fp8 import scale_shape
@@ -126,27 +124,13 @@ def write_sparse_checkpoint(path, cfg: ModelConfig, config: dict, *, fp8: bool =
     blocks (on file systems with sparse files). Shards are named like the release,
     model-00001-of-000163.safetensors; `config` is written as config.json as given."""
     os.makedirs(path, exist_ok=True)
-    groups = ShardedWriter(os.fspath(path), tensor_specs(cfg, fp8), max_shard_bytes).groups
-    files = [f"model-{i + 1:05d}-of-{len(groups):06d}.safetensors" for i in range(len(groups))]
-    total = 0
-    for fname, group in zip(files, groups):
-        header, off = {}, 0
-        for name, dt, shape in group:
-            n = math.prod(shape) * dt.itemsize
-            header[name] = {"dtype": NAMES[dt], "shape": list(shape),
-                            "data_offsets": [off, off + n]}
-            off += n
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+    w = ShardedWriter(os.fspath(path), tensor_specs(cfg, fp8), max_shard_bytes, count_digits=6)
+    for fname, group in zip(w.files, w.groups):
+        head, size = header_bytes(group, {"format": "pt"})
         with open(os.path.join(path, fname), "wb") as f:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            f.truncate(8 + len(blob) + off)  # the data: one hole
-        total += off
-    index = {"metadata": {"total_size": total},
-             "weight_map": {n: f for f, g in zip(files, groups) for n, _, _ in g}}
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+            f.write(head)
+            f.truncate(len(head) + size)  # the data: one hole
+    w.write_index()
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return os.fspath(path)

@@ -9,9 +9,10 @@ naming the file and tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -117,26 +118,34 @@ class SafetensorsFile:
         self._mm = None
 
 
-def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-          metadata: Mapping[str, str] | None = None) -> int:
-    """Write tensors (in the given order) to `path`; returns the bytes written."""
-    items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+def header_bytes(specs: Iterable[tuple[str, Any, tuple]], metadata: Mapping[str, str] | None = None,
+                 where: str = "safetensors") -> tuple[bytes, int]:
+    """(a file's first bytes: the 8-byte header length and the JSON header, padded so tensor
+    data stays 8-byte aligned; the data's length) for tensors (name, dtype, shape) in this order."""
     header: dict = {}
     off = 0
-    for name, a in items:
-        a = np.asarray(a)
-        if a.dtype not in NAMES:
-            raise CheckpointError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}")
-        header[name] = {"dtype": NAMES[a.dtype], "shape": list(a.shape),
-                        "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
+    for name, dt, shape in specs:
+        dt = np.dtype(dt)
+        if dt not in NAMES:
+            raise CheckpointError(f"{where}: cannot store tensor {name!r} of dtype {dt}")
+        n = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
     if metadata:
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, off
+
+
+def write(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+          metadata: Mapping[str, str] | None = None) -> int:
+    """Write tensors (in the given order) to `path`; returns the bytes written."""
+    items = [(n, np.asarray(a)) for n, a in (tensors.items() if isinstance(tensors, Mapping)
+                                             else tensors)]
+    head, size = header_bytes(((n, a.dtype, a.shape) for n, a in items), metadata, str(path))
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(head)
         for _, a in items:
             f.write(np.ascontiguousarray(a).tobytes())
-    return 8 + len(blob) + off
+    return len(head) + size
