@@ -53,13 +53,11 @@ from model_cases import (HF_VARIANTS, SLOW_REPEATS, TORCH_THREADS, TRAIN_BACK_TO
 from model_flops import model_flops  # noqa: E402
 from render_model import MARK_BEGIN, MARK_END, render, summarize, to_json  # noqa: E402
 
-DEFAULT_CONFIGS = _common.CONFIGS
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="bench_configs.json (default: %(default)s)")
+    ap.add_argument("--configs", default=_common.CONFIGS, help="bench_configs.json (default: %(default)s)")
     ap.add_argument("--names", default=None, help="comma-separated config names (default: all in the file)")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
     ap.add_argument("--impls", default="segment,ragged_dot,dense", help="moe_impl variants for --impl-config")
